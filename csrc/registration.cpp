@@ -1,0 +1,51 @@
+// The one place every fastpeft op schema lives. Kernels register per backend in csrc/cpu/*.cpp and
+// csrc/cuda/*.cu; Python wrappers, fakes and autograd formulas are in python/fastpeft/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fastpeft._C` loads this library so the static registrations below run. The module
+// carries the build facts that fastpeft.build_info() reports.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", FASTPEFT_TORCH_VERSION);
+  PyModule_AddStringConstant(m, "cuda_archs", FASTPEFT_CUDA_ARCHS);
+#ifdef FASTPEFT_WITH_CUDA
+  PyModule_AddIntConstant(m, "cuda_compiled", 1);
+#else
+  PyModule_AddIntConstant(m, "cuda_compiled", 0);
+#endif
+  return m;
+}
+}
+
+TORCH_LIBRARY(fastpeft, m) {
+  // ---- lora family -------------------------------------------------------------------------
+  // Dropout with a mask regenerated from (seed, element index) by a counter-based hash: the same
+  // bits on every device, never stored. Element index = row * cols + col of the logical 2-D input.
+  // `seed` is a one-element int64 CPU tensor (so torch.compile can trace drawing it).
+  m.def("seeded_dropout(Tensor x, float p, Tensor seed) -> Tensor");
+  // y = x W^T + b + s (drop(x) A^T) B^T;  returns (y, u = drop(x) A^T).
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  // Gradients through rank-r intermediates only; returns (grad_x, grad_A, grad_B).
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor u, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // fp32 per-output-row norm ||W + s B A||_2 without materialising B A.
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+  // DoRA (peft's formula): y = x W^T + b + (m/n - 1) drop(x) W^T + (m/n) s u B^T with
+  // u = drop(x) A^T and n the (detached) weight norm; returns (y, u, z = drop(x) W^T + s u B^T).
+  m.def(
+      "dora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, Tensor seed) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_A, grad_B, grad_magnitude).
+  m.def(
+      "dora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_norm, Tensor u, Tensor z, float scaling, float dropout_p, "
+      "Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,52 @@
+"""fastpeft: parameter-efficient fine-tuning on hand-written C++/CUDA kernels.
+
+The public names and checkpoint format are Hugging Face PEFT's: `from fastpeft import
+get_peft_model, LoraConfig` is a drop-in for `from peft import ...`.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._loader import build_info  # loads the compiled ops; fails early and clearly on a bad build
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Loaded on first use so `import fastpeft` stays light
+# (transformers is only imported by the parts that need it).
+_LAZY = {
+    "PeftConfig": "fastpeft.config",
+    "PeftType": "fastpeft.config",
+    "TaskType": "fastpeft.config",
+    "LoraConfig": "fastpeft.tuners.lora.config",
+    "LoraModel": "fastpeft.tuners.lora.model",
+    "PeftModel": "fastpeft.peft_model",
+    "PeftModelForCausalLM": "fastpeft.peft_model",
+    "PeftModelForSequenceClassification": "fastpeft.peft_model",
+    "PeftModelForSeq2SeqLM": "fastpeft.peft_model",
+    "PeftModelForTokenClassification": "fastpeft.peft_model",
+    "PeftModelForQuestionAnswering": "fastpeft.peft_model",
+    "PeftModelForFeatureExtraction": "fastpeft.peft_model",
+    "get_peft_model": "fastpeft.peft_model",
+    "get_peft_model_state_dict": "fastpeft.checkpoint",
+    "set_peft_model_state_dict": "fastpeft.checkpoint",
+    "prepare_model_for_kbit_training": "fastpeft.training",
+}
+_SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli"}
+
+__all__ = ["build_info", "__version__", *_LAZY, *sorted(_SUBMODULES)]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"fastpeft.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
