@@ -31,10 +31,12 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
-  // Gradients through rank-r intermediates only; returns (grad_x, grad_A, grad_B).
+  // Gradients through rank-r intermediates only; returns (grad_x, grad_A, grad_B). With
+  // need_grad_x=False the input-gradient GEMM is skipped and grad_x is an empty [0] tensor.
   m.def(
       "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor u, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+      "Tensor u, float scaling, float dropout_p, Tensor seed, bool need_grad_x=True) "
+      "-> (Tensor, Tensor, Tensor)");
   // fp32 per-output-row norm ||W + s B A||_2 without materialising B A.
   m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
   // DoRA (peft's formula): y = x W^T + b + (m/n - 1) drop(x) W^T + (m/n) s u B^T with
@@ -43,9 +45,9 @@ TORCH_LIBRARY(fastpeft, m) {
       "dora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, Tensor seed) "
       "-> (Tensor, Tensor, Tensor)");
-  // Returns (grad_x, grad_A, grad_B, grad_magnitude).
+  // Returns (grad_x, grad_A, grad_B, grad_magnitude); need_grad_x as in lora_backward.
   m.def(
       "dora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, Tensor weight_norm, Tensor u, Tensor z, float scaling, float dropout_p, "
-      "Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor seed, bool need_grad_x=True) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -29,7 +29,10 @@ _LAZY = {
     "get_peft_model": "fastpeft.peft_model",
     "get_peft_model_state_dict": "fastpeft.checkpoint",
     "set_peft_model_state_dict": "fastpeft.checkpoint",
+    "load_peft_weights": "fastpeft.checkpoint",
     "prepare_model_for_kbit_training": "fastpeft.training",
+    "PeftTrainer": "fastpeft.training",
+    "SaveAdapterCallback": "fastpeft.training",
 }
 _SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli"}
 

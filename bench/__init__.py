@@ -1,0 +1,1 @@
+"""fastpeft benchmarks: `python -m bench.run --help`."""

@@ -1,0 +1,197 @@
+"""Small Llama training step: fastpeft vs peft, LoRA on every linear layer.
+
+A randomly initialised transformers LlamaForCausalLM (4 layers, hidden 512, intermediate 1376,
+8 heads, vocab 8000; seq 256, batch 4 by default), LoRA r=16 on target_modules="all-linear",
+one training step = forward + backward + AdamW step on the adapter parameters, bf16 throughout.
+Both models are built through the libraries' public get_peft_model on identical weights
+(peft's randomised adapter weights are copied into fastpeft's; losses compared in eval mode) and
+timed in alternation. Reports tokens/s, the ratio, and the bytes saved for backward.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+from typing import Any, Dict, List
+
+import torch
+
+from .common import (
+    BenchContext,
+    Ratio,
+    SuiteResult,
+    Table,
+    Target,
+    cuda_peak_bytes,
+    dtype_name,
+    mb,
+    measure_saved_bytes,
+    register,
+    safe_div,
+    time_interleaved,
+)
+from .bench_lora import copy_matching_state
+
+SPEED_TARGET = Target(1.15, ">=", "tokens/s vs peft")
+MEM_TARGET = Target(0.8, "<=", "activation memory vs peft")
+
+FULL = dict(layers=4, hidden=512, intermediate=1376, heads=8, vocab=8000, seq=256, batch=4, r=16)
+QUICK = dict(layers=2, hidden=128, intermediate=344, heads=4, vocab=1000, seq=64, batch=2, r=8)
+
+
+def _lora_kwargs(r: int, dropout: float) -> Dict[str, Any]:
+    return dict(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+
+
+def build_models(shape: Dict[str, int], dropout: float, dtype, device):
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_lora_kwargs(shape["r"], dropout)))
+    notes = []
+    fm = None
+    try:
+        import fastpeft
+
+        fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**_lora_kwargs(shape["r"], dropout)))
+        missing = copy_matching_state(pm, fm)
+        if missing:
+            raise RuntimeError(f"fastpeft parameters with no peft counterpart: {missing[:5]}...")
+        np_, nf = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (pm, fm))
+        if np_ != nf:
+            raise RuntimeError(f"trainable parameter count differs: peft {np_} vs fastpeft {nf}")
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"fastpeft model unavailable: {type(exc).__name__}: {exc}")
+        fm = None
+    # reference: the same model with no adapters, all frozen but the input embeddings, so backward
+    # runs through every layer (gradient to the activations) as it must under LoRA
+    frozen = base.requires_grad_(False)
+    frozen.get_input_embeddings().weight.requires_grad_(True)
+    models = {"base": frozen, "peft": pm}
+    if fm is not None:
+        models["fastpeft"] = fm
+    for m in models.values():
+        m.to(device=device, dtype=dtype)
+    return models, notes
+
+
+def _loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _make_step(model, ids, optimizer: bool = True):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5) if optimizer else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        _loss(model, ids).backward()
+        if opt is not None:
+            opt.step()
+
+    return step, opt
+
+
+@register("llama")
+def run(ctx: BenchContext) -> SuiteResult:
+    res = SuiteResult("llama", ctx.device)
+    shape = dict(QUICK if ctx.quick else FULL)
+    shape.update({k: v for k, v in ctx.options.items() if k in FULL})
+    dtype = ctx.options.get("llama_dtype", torch.bfloat16)
+    dropouts = ctx.options.get("llama_dropouts", [0.05] if ctx.quick else [0.0, 0.05])
+    tokens = shape["batch"] * shape["seq"]
+    res.meta.update(shape=shape, dtype=dtype_name(dtype), dropouts=dropouts, tokens_per_step=tokens,
+                    optimizer="AdamW(lr=1e-5) on adapter params", target_modules="all-linear")
+    cols = ["dropout", "impl", "ms/step", "iqr ms", "tokens/s", "over base %", "speedup", "ceiling x", "target", "status",
+            "saved MB", "saved x", "saved tgt", "saved status"] + (["peak MB", "peak x"] if ctx.is_cuda else [])
+    table = Table(
+        f"Llama {shape['layers']}L h{shape['hidden']} i{shape['intermediate']} v{shape['vocab']}, "
+        f"batch {shape['batch']} x seq {shape['seq']}, LoRA r={shape['r']} all-linear, {dtype_name(dtype)}, "
+        f"train step (fwd+bwd+AdamW), {ctx.device}",
+        cols,
+        notes=["speedup: median per-round peft_ms / fastpeft_ms (alternating steps)",
+               "base: the model without adapters, frozen but for the input embeddings (fwd+bwd, no optimizer); "
+               "ceiling x: peft_ms / base_ms, the speed-up if the adapters cost nothing",
+               "saved MB: unique non-parameter storages saved for backward during the forward",
+               "models built in fp32 through get_peft_model, then cast to the bench dtype as a whole"],
+    )
+    torch.manual_seed(5)
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=ctx.device)
+    for dropout in dropouts:
+        try:
+            models, notes = build_models(shape, dropout, dtype, ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res.errors.append(f"dropout {dropout}: build failed: {type(exc).__name__}: {exc}")
+            continue
+        res.errors += [f"dropout {dropout}: {n}" for n in notes]
+        mismatch = None
+        if "fastpeft" in models:
+            try:
+                with torch.no_grad():
+                    for m in models.values():
+                        m.eval()
+                    lp, lf = (_loss(models[k], ids).float().item() for k in ("peft", "fastpeft"))
+                tol = 1e-3 if dtype == torch.float32 else 2e-2
+                if not abs(lp - lf) <= tol * max(1.0, abs(lp)):
+                    mismatch = f"eval loss differs: peft {lp:.5f} vs fastpeft {lf:.5f}"
+                    res.errors.append(f"dropout {dropout}: {mismatch}")
+            except Exception as exc:  # noqa: BLE001
+                mismatch = f"check failed: {type(exc).__name__}: {exc}"
+                res.errors.append(f"dropout {dropout}: {mismatch}")
+        for m in models.values():
+            m.train()
+        saved = {}
+        for k, m in models.items():
+            sb, loss = measure_saved_bytes(lambda m=m: _loss(m, ids), params=list(m.parameters()))
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+            saved[k] = sb
+        steps = {}
+        for k, m in models.items():
+            steps[k], _ = _make_step(m, ids, optimizer=(k != "base"))
+        peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
+        ctx.log(f"llama dropout={dropout}: timing {', '.join(steps)}")
+        try:
+            t = time_interleaved(steps, ctx.device, warmup=max(1, ctx.warmup - 1),
+                                 repeats=max(3, ctx.repeats), min_sample_ms=0.0)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res.errors.append(f"dropout {dropout}: timing failed: {type(exc).__name__}: {exc}")
+            continue
+        speed = t.ratio("peft", "fastpeft") if "fastpeft" in steps else None
+        ceiling = t.ratio("peft", "base")
+        sratio = safe_div(saved["fastpeft"].total, saved["peft"].total) if "fastpeft" in saved else None
+        pratio = safe_div(peaks.get("fastpeft"), peaks.get("peft")) if peaks else None
+        for k in steps:
+            ms = t.median(k)
+            row = table.add(dropout=dropout, impl=k, **{"ms/step": ms, "iqr ms": t.iqr(k), "tokens/s": tokens / (ms / 1e3),
+                                                        "saved MB": mb(saved[k].total)})
+            if k != "base":
+                row["over base %"] = (t.ratio(k, "base") - 1.0) * 100.0
+            row["timing"] = t.summary()[k]
+            if ctx.is_cuda:
+                row["peak MB"] = mb(peaks.get(k))
+            if k == "fastpeft":
+                row.update(speedup=speed, **{"ceiling x": ceiling}, target=SPEED_TARGET.describe("x"),
+                           status="INVALID" if mismatch else SPEED_TARGET.check(speed))
+                row.update(**{"saved x": sratio, "saved tgt": MEM_TARGET.describe("x"), "saved status": MEM_TARGET.check(sratio)})
+                if ctx.is_cuda:
+                    row["peak x"] = pratio
+                if mismatch:
+                    row["error"] = mismatch
+        if speed is not None:
+            res.ratios.append(Ratio(f"llama drop{dropout}: tokens/s fastpeft/peft", speed, SPEED_TARGET, "speedup"))
+        if sratio is not None:
+            res.ratios.append(Ratio(f"llama drop{dropout}: saved bytes fastpeft/peft", sratio, MEM_TARGET, "memory"))
+        if pratio is not None:
+            res.ratios.append(Ratio(f"llama drop{dropout}: CUDA peak fastpeft/peft", pratio, None, "memory"))
+        del models, steps
+    res.tables.append(table)
+    return res

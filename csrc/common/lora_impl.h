@@ -1,0 +1,400 @@
+// Device-independent drivers of the lora-family ops (seeded_dropout, lora_forward/backward,
+// dora_weight_norm, dora_forward/backward). Each driver checks its arguments, runs the large GEMMs
+// through ATen (MKL/oneDNN on the CPU, cuBLAS on the current CUDA stream) and hands the fused
+// elementwise parts to a backend `BK` (csrc/cpu/lora.cpp, csrc/cuda/lora.cu), so the two devices
+// share one formulation and differ only in their kernels.
+//
+// A backend provides (all tensors 2-D; "scratch" tensors are contiguous [rows, cols]):
+//   using Guard;                         // device guard constructed from an at::Device
+//   int64_t chunk_rows(int64_t cols, ChunkKind kind);
+//                                        // rows per chunk of a [rows, cols] scratch buffer
+//   void dropout_rows(x, r0, drop, out); // out[i, c] = x[r0 + i, c] * mult(r0 + i, c)
+//   void dropout_bwd_fused(x, r0, drop, t, gx);
+//                                        // gx[i, c] += t[i, c] * mult;  t[i, c] = x[r0+i, c] * mult
+//   void dora_epilogue(z, mn, bias, y);  // y = z * mn + bias            (per column mn, bias)
+//   void dora_epilogue_dropout(z, q, mn, s, y);
+//                                        // p = z; z = p + s q; y += (mn - 1) p + mn s q
+//   void dora_grad_rows(g, z, mn, off, acc, h);
+//                                        // h = g * (mn + off); acc[c] += sum_i g[i, c] z[i, c]
+// where mult(row, col) = keep(seed, row * cols + col) ? 1 / (1 - p) : 0 (dropout_hash.h).
+// mn, acc are the op-math type (float64 for float64 inputs, float32 otherwise).
+//
+// No driver materialises B A, the dropout mask or drop(x) for all rows: dropout is generated per row
+// chunk into a small scratch buffer and regenerated in backward.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/Device.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/dropout_hash.h"
+
+namespace fastpeft {
+
+// What a row chunk's scratch feeds: kSmallGemm - only rank-r GEMMs (drop(x) -> u, grad_A), keep it
+// cache-sized; kBaseGemm - a base-sized GEMM (drop(x) W^T), large enough for the GEMM to run at
+// full rate; kNoDropout - a gradient-sized temporary with no dropout in it (DoRA's g * m/n).
+enum class ChunkKind { kSmallGemm, kBaseGemm, kNoDropout };
+
+// What a kernel needs to regenerate the dropout multipliers.
+struct DropoutSpec {
+  bool active = false;     // p > 0
+  uint64_t seed = 0;       // the seed tensor's int64 value, reinterpreted
+  uint32_t threshold = 0;  // kept iff hash >= threshold
+  double scale = 1.0;      // 1 / (1 - p)
+};
+
+inline DropoutSpec make_dropout(double p, const at::Tensor& seed) {
+  check_dropout_p(p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "fastpeft: 'seed' must be a one-element int64 tensor, got dtype ", seed.scalar_type(),
+              " and shape ", seed.sizes(), " (use fastpeft.ops.new_dropout_seed())");
+  TORCH_CHECK(seed.device().is_cpu(), "fastpeft: 'seed' must be a CPU tensor, got one on ",
+              seed.device(), " (use fastpeft.ops.new_dropout_seed())");
+  DropoutSpec d;
+  d.active = p > 0.0;
+  d.seed = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  d.threshold = dropout_threshold(p);
+  d.scale = 1.0 / (1.0 - p);
+  return d;
+}
+
+inline at::ScalarType opmath_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x [N, in], weight [out, in], bias [out]?, lora_A [r, in], lora_B [out, r]: one dtype, one device.
+inline void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B) {
+  check_dim(x, 2, "x");
+  check_floating(x, "x");
+  check_dim(weight, 2, "weight");
+  check_dim(lora_A, 2, "lora_A");
+  check_dim(lora_B, 2, "lora_B");
+  check_same_dtype(weight, x, "weight", "x");
+  check_same_dtype(lora_A, x, "lora_A", "x");
+  check_same_dtype(lora_B, x, "lora_B", "x");
+  check_same_device(weight, x, "weight", "x");
+  check_same_device(lora_A, x, "lora_A", "x");
+  check_same_device(lora_B, x, "lora_B", "x");
+  const int64_t in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  check_size(weight, 1, in, "weight", "in_features (x.size(1))");
+  check_size(lora_A, 1, in, "lora_A", "in_features (x.size(1))");
+  check_size(lora_B, 1, r, "lora_B", "the rank (lora_A.size(0))");
+  check_size(lora_B, 0, out, "lora_B", "out_features (weight.size(0))");
+  if (bias.has_value() && bias->defined()) {
+    check_dim(*bias, 1, "bias");
+    check_same_dtype(*bias, x, "bias", "x");
+    check_same_device(*bias, x, "bias", "x");
+    check_size(*bias, 0, out, "bias", "out_features (weight.size(0))");
+  }
+}
+
+inline void check_rows(const at::Tensor& t, int64_t n, int64_t cols, const at::Tensor& x,
+                       const char* name, const char* cols_what) {
+  check_dim(t, 2, name);
+  check_same_dtype(t, x, name, "x");
+  check_same_device(t, x, name, "x");
+  check_size(t, 0, n, name, "the number of rows of x");
+  check_size(t, 1, cols, name, cols_what);
+}
+
+inline void check_dora_vectors(const at::Tensor& magnitude, const at::Tensor& weight_norm,
+                               const at::Tensor& x, int64_t out) {
+  check_dim(magnitude, 1, "magnitude");
+  check_same_dtype(magnitude, x, "magnitude", "x");
+  check_same_device(magnitude, x, "magnitude", "x");
+  check_size(magnitude, 0, out, "magnitude", "out_features (weight.size(0))");
+  check_dim(weight_norm, 1, "weight_norm");
+  check_floating(weight_norm, "weight_norm");
+  check_same_device(weight_norm, x, "weight_norm", "x");
+  check_size(weight_norm, 0, out, "weight_norm", "out_features (weight.size(0))");
+}
+
+// Accumulates mm(a^T, b) ([r, cols]) into acc; for reduced precision the chunk product is formed in
+// the input dtype (fp32 accumulation inside the GEMM) and summed across chunks in fp32.
+inline void accumulate_tn(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a.t(), b);
+  } else {
+    acc.add_(at::mm(a.t(), b));
+  }
+}
+
+template <class BK>
+at::Tensor seeded_dropout_impl(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_dim(x, 2, "x");
+  check_floating(x, "x");
+  const DropoutSpec d = make_dropout(p, seed);
+  typename BK::Guard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  if (!d.active) {
+    out.copy_(x);
+    return out;
+  }
+  BK::dropout_rows(x, 0, d, out);
+  return out;
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor> lora_forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, double scaling,
+                                                     double dropout_p, const at::Tensor& seed) {
+  check_lora_args(x, weight, bias, lora_A, lora_B);
+  const DropoutSpec d = make_dropout(dropout_p, seed);
+  typename BK::Guard guard(x.device());
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  at::Tensor y = at::empty({n, out}, x.options());
+  at::Tensor u = at::empty({n, r}, x.options());
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y, *bias, x, weight.t());
+  } else {
+    at::mm_out(y, x, weight.t());
+  }
+  if (n == 0) return {y, u};
+  if (!d.active) {
+    at::mm_out(u, x, lora_A.t());
+  } else {
+    const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
+    at::Tensor buf = at::empty({ch, in}, x.options());
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      at::Tensor xd = buf.narrow(0, 0, rows);
+      BK::dropout_rows(x, r0, d, xd);
+      at::Tensor uc = u.narrow(0, r0, rows);
+      at::mm_out(uc, xd, lora_A.t());
+    }
+  }
+  y.addmm_(u, lora_B.t(), 1.0, scaling);
+  return {y, u};
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_impl(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& u, double scaling,
+    double dropout_p, const at::Tensor& seed, bool need_grad_x) {
+  check_lora_args(x, weight, std::nullopt, lora_A, lora_B);
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  check_rows(grad_y, n, out, x, "grad_y", "out_features (weight.size(0))");
+  check_rows(u, n, r, x, "u", "the rank (lora_A.size(0))");
+  const DropoutSpec d = make_dropout(dropout_p, seed);
+  typename BK::Guard guard(x.device());
+
+  // gu = s g B [N, r];  grad_B = s g^T u [out, r].
+  at::Tensor gu = at::mm(grad_y, lora_B);
+  gu.mul_(scaling);
+  // (u^T g)^T: MKL runs this orientation about 2x faster than g^T u for fp32.
+  at::Tensor grad_B = at::mm(u.t(), grad_y);
+  grad_B.mul_(scaling);
+  grad_B = grad_B.t().contiguous();
+  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
+  if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), grad_B};
+
+  if (!d.active) {
+    if (need_grad_x) {
+      at::mm_out(grad_x, grad_y, weight);
+      grad_x.addmm_(gu, lora_A);
+    }
+    return {grad_x, at::mm(gu.t(), x), grad_B};
+  }
+  // grad_x = g W + mult (gu A);  grad_A = gu^T drop(x), both chunked over rows.
+  if (need_grad_x) at::mm_out(grad_x, grad_y, weight);
+  const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
+  at::Tensor buf = at::empty({ch, in}, x.options());
+  at::Tensor acc = at::zeros({r, in}, x.options().dtype(opmath_of(x.scalar_type())));
+  for (int64_t r0 = 0; r0 < n; r0 += ch) {
+    const int64_t rows = std::min(ch, n - r0);
+    at::Tensor t = buf.narrow(0, 0, rows);
+    at::Tensor guc = gu.narrow(0, r0, rows);
+    if (need_grad_x) {
+      at::mm_out(t, guc, lora_A);
+      at::Tensor gxc = grad_x.narrow(0, r0, rows);
+      BK::dropout_bwd_fused(x, r0, d, t, gxc);  // t <- drop(x) rows
+    } else {
+      BK::dropout_rows(x, r0, d, t);
+    }
+    accumulate_tn(acc, guc, t);
+  }
+  return {grad_x, acc.to(x.scalar_type()), grad_B};
+}
+
+// ||W_i + s (B A)_i||_2 = sqrt(||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 <B_i, (B A A^T)_i>), in the
+// op-math type, over row chunks of W (so a reduced-precision W is never copied whole).
+template <class BK>
+at::Tensor dora_weight_norm_impl(const at::Tensor& weight, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, double scaling) {
+  check_dim(weight, 2, "weight");
+  check_floating(weight, "weight");
+  check_dim(lora_A, 2, "lora_A");
+  check_dim(lora_B, 2, "lora_B");
+  check_same_dtype(lora_A, weight, "lora_A", "weight");
+  check_same_dtype(lora_B, weight, "lora_B", "weight");
+  check_same_device(lora_A, weight, "lora_A", "weight");
+  check_same_device(lora_B, weight, "lora_B", "weight");
+  const int64_t out = weight.size(0), in = weight.size(1), r = lora_A.size(0);
+  check_size(lora_A, 1, in, "lora_A", "in_features (weight.size(1))");
+  check_size(lora_B, 1, r, "lora_B", "the rank (lora_A.size(0))");
+  check_size(lora_B, 0, out, "lora_B", "out_features (weight.size(0))");
+  typename BK::Guard guard(weight.device());
+  const at::ScalarType op = opmath_of(weight.scalar_type());
+  at::Tensor norm = at::empty({out}, weight.options().dtype(op));
+  if (out == 0) return norm;
+  at::Tensor A = lora_A.to(op);
+  at::Tensor B = lora_B.to(op);
+  at::Tensor AAt = at::mm(A, A.t());  // [r, r]
+  const int64_t ch = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(in, 1));
+  for (int64_t o0 = 0; o0 < out; o0 += ch) {
+    const int64_t rows = std::min(ch, out - o0);
+    at::Tensor W = weight.narrow(0, o0, rows).to(op);
+    at::Tensor Bc = B.narrow(0, o0, rows);
+    at::Tensor sq = at::linalg_vector_norm(W, 2, at::IntArrayRef{1}, false, std::nullopt);
+    sq.mul_(sq);
+    at::Tensor cross = at::mm(W, A.t()).mul_(Bc).sum(1);            // <B_i, (W A^T)_i>
+    at::Tensor quad = at::mm(Bc, AAt).mul_(Bc).sum(1);              // <B_i, (B A A^T)_i>
+    sq.add_(cross, 2.0 * scaling).add_(quad, scaling * scaling).clamp_min_(0.0).sqrt_();
+    norm.narrow(0, o0, rows).copy_(sq);
+  }
+  return norm;
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+    const at::Tensor& weight_norm, double scaling, double dropout_p, const at::Tensor& seed) {
+  check_lora_args(x, weight, bias, lora_A, lora_B);
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  check_dora_vectors(magnitude, weight_norm, x, out);
+  const DropoutSpec d = make_dropout(dropout_p, seed);
+  typename BK::Guard guard(x.device());
+  const at::ScalarType op = opmath_of(x.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor mn = magnitude.to(op).div(weight_norm.to(op)).contiguous();  // m / n
+  at::Tensor y = at::empty({n, out}, x.options());
+  at::Tensor u = at::empty({n, r}, x.options());
+  at::Tensor z = at::empty({n, out}, x.options());
+  if (n == 0) return {y, u, z};
+  if (!d.active) {
+    // z = x W^T + s u B^T;  y = (m/n) z + b: one base GEMM.
+    at::mm_out(u, x, lora_A.t());
+    at::mm_out(z, x, weight.t());
+    z.addmm_(u, lora_B.t(), 1.0, scaling);
+    BK::dora_epilogue(z, mn, has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, y);
+    return {y, u, z};
+  }
+  // y = x W^T + b + (m/n - 1) xd W^T + (m/n) s u B^T with xd = drop(x) (peft's math: two base GEMMs).
+  if (has_bias) {
+    at::addmm_out(y, *bias, x, weight.t());
+  } else {
+    at::mm_out(y, x, weight.t());
+  }
+  const int64_t ch = std::min(n, BK::chunk_rows(std::max(in, out), ChunkKind::kBaseGemm));
+  at::Tensor xbuf = at::empty({ch, in}, x.options());
+  at::Tensor qbuf = at::empty({ch, out}, x.options());
+  for (int64_t r0 = 0; r0 < n; r0 += ch) {
+    const int64_t rows = std::min(ch, n - r0);
+    at::Tensor xd = xbuf.narrow(0, 0, rows);
+    BK::dropout_rows(x, r0, d, xd);
+    at::Tensor uc = u.narrow(0, r0, rows);
+    at::mm_out(uc, xd, lora_A.t());
+    at::Tensor zc = z.narrow(0, r0, rows);
+    at::mm_out(zc, xd, weight.t());
+    at::Tensor qc = qbuf.narrow(0, 0, rows);
+    at::mm_out(qc, uc, lora_B.t());
+    at::Tensor yc = y.narrow(0, r0, rows);
+    BK::dora_epilogue_dropout(zc, qc, mn, scaling, yc);
+  }
+  return {y, u, z};
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_impl(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+    const at::Tensor& weight_norm, const at::Tensor& u, const at::Tensor& z_in, double scaling,
+    double dropout_p, const at::Tensor& seed, bool need_grad_x) {
+  check_lora_args(x, weight, std::nullopt, lora_A, lora_B);
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  check_dora_vectors(magnitude, weight_norm, x, out);
+  check_rows(grad_y_in, n, out, x, "grad_y", "out_features (weight.size(0))");
+  check_rows(u, n, r, x, "u", "the rank (lora_A.size(0))");
+  check_rows(z_in, n, out, x, "z", "out_features (weight.size(0))");
+  const DropoutSpec d = make_dropout(dropout_p, seed);
+  typename BK::Guard guard(x.device());
+  const at::ScalarType op = opmath_of(x.scalar_type());
+  const at::Tensor g = grad_y_in.contiguous();
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor nn = weight_norm.to(op);
+  at::Tensor mn = magnitude.to(op).div(nn).contiguous();
+  at::Tensor mn_col = mn.unsqueeze(1);
+
+  // gz = g (m/n):  gu = s gz B = s g (diag(m/n) B);  grad_B = s gz^T u = s diag(m/n) g^T u.
+  at::Tensor Bm = lora_B.to(op).mul(mn_col).to(x.scalar_type());
+  at::Tensor gu = at::mm(g, Bm);
+  gu.mul_(scaling);
+  at::Tensor grad_B =
+      at::mm(u.t(), g).t().to(op).mul_(mn_col).mul_(scaling).to(x.scalar_type()).contiguous();
+  at::Tensor acc = at::zeros({out}, x.options().dtype(op));
+  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
+  if (n == 0) {
+    return {grad_x, at::zeros({r, in}, x.options()), grad_B, at::zeros({out}, magnitude.options())};
+  }
+  const int64_t ch = std::min(
+      n, BK::chunk_rows(std::max(in, out), d.active ? ChunkKind::kBaseGemm : ChunkKind::kNoDropout));
+  at::Tensor hbuf = at::empty({ch, out}, x.options());
+  at::Tensor grad_A;
+  if (!d.active) {
+    // grad_x = gz W + gu A; grad_m = sum g z / n, fused with forming gz per chunk.
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      at::Tensor h = hbuf.narrow(0, 0, rows);
+      BK::dora_grad_rows(g.narrow(0, r0, rows), z.narrow(0, r0, rows), mn, 0.0, acc, h);
+      if (need_grad_x) {
+        at::Tensor gxc = grad_x.narrow(0, r0, rows);
+        at::mm_out(gxc, h, weight);
+        gxc.addmm_(gu.narrow(0, r0, rows), lora_A);
+      }
+    }
+    grad_A = at::mm(gu.t(), x);
+  } else {
+    // grad_x = g W + mult ((g (m/n - 1)) W + gu A);  grad_A = gu^T drop(x).
+    if (need_grad_x) at::mm_out(grad_x, g, weight);
+    at::Tensor tbuf = at::empty({ch, in}, x.options());
+    at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      at::Tensor h = hbuf.narrow(0, 0, rows);
+      BK::dora_grad_rows(g.narrow(0, r0, rows), z.narrow(0, r0, rows), mn, -1.0, acc, h);
+      at::Tensor t = tbuf.narrow(0, 0, rows);
+      at::Tensor guc = gu.narrow(0, r0, rows);
+      if (need_grad_x) {
+        at::mm_out(t, h, weight);
+        t.addmm_(guc, lora_A);
+        at::Tensor gxc = grad_x.narrow(0, r0, rows);
+        BK::dropout_bwd_fused(x, r0, d, t, gxc);  // t <- drop(x) rows
+      } else {
+        BK::dropout_rows(x, r0, d, t);
+      }
+      accumulate_tn(accA, guc, t);
+    }
+    grad_A = accA.to(x.scalar_type());
+  }
+  at::Tensor grad_m = acc.div_(nn).to(magnitude.scalar_type());
+  return {grad_x, grad_A, grad_B, grad_m};
+}
+
+}  // namespace fastpeft

@@ -1,0 +1,15 @@
+"""Drop-in adapter layers for users who want no wrapper model.
+
+    from fastpeft.nn import LoraLinear
+    layer = LoraLinear.from_linear(model.proj, r=16, lora_alpha=32)   # base weights frozen
+    model.proj = layer
+    ... train ...
+    layer.merge()          # or layer.unmerge(); layer.get_base_layer() is the plain nn.Linear
+
+Each layer is the same class the tuners inject (same forward, merge/unmerge, state-dict keys).
+"""
+from __future__ import annotations
+
+from .tuners.lora.layer import Linear as LoraLinear
+
+__all__ = ["LoraLinear"]

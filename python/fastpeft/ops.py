@@ -1,0 +1,381 @@
+"""Typed Python wrappers of fastpeft's compiled ops (the only entry points tuners use).
+
+The op schemas live in ``csrc/registration.cpp``; CPU and CUDA kernels in ``csrc/cpu`` and
+``csrc/cuda``. This module adds, per op, a fake (meta) implementation for ``torch.compile`` and an
+autograd formula (``torch.library.register_autograd``). On devices with no compiled kernel (e.g.
+MPS) the wrappers fall back to :mod:`fastpeft.reference`; on CPU and CUDA they never do.
+
+Dropout is "seeded": the mask is a hash of (seed, element index), regenerated in backward, so
+neither the mask nor ``drop(x)`` is ever saved for backward. A seed is a one-element int64 CPU
+tensor drawn with :func:`new_dropout_seed` from torch's default generator, so ``torch.manual_seed``
+makes runs reproducible and activation checkpointing recomputes the same mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference as _ref
+from ._loader import _C
+
+__all__ = [
+    "new_dropout_seed",
+    "seeded_dropout",
+    "lora_linear",
+    "dora_linear",
+    "dora_weight_norm",
+]
+
+_ops = torch.ops.fastpeft
+_KERNEL_DEVICES = ("cpu", "cuda", "meta")
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # passed when dropout is off; never read
+
+
+def new_dropout_seed() -> Tensor:
+    """Draw a dropout seed: a one-element int64 CPU tensor from torch's default CPU generator."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+
+def _use_kernel(x: Tensor) -> bool:
+    kind = x.device.type
+    if kind == "cuda" and not _C.cuda_compiled:
+        raise RuntimeError(
+            "fastpeft was built without CUDA kernels but got CUDA tensors; rebuild it on a machine "
+            "with nvcc and a CUDA build of torch (`pip install --no-build-isolation --no-deps .`)"
+        )
+    return kind in _KERNEL_DEVICES
+
+
+def _check_tensor(t, name: str, dim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"'{name}' must be a floating-point tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"'{name}' must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"'{name}' has dtype {t.dtype} but '{ref_name}' has dtype {ref.dtype}; cast them to one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"'{name}' is on {t.device} but '{ref_name}' is on {ref.device}; move them to one device")
+
+
+def _check_dropout(dropout_p: float, seed) -> None:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"'dropout_p' must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None:
+        if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError("'seed' must be a one-element int64 tensor (see fastpeft.ops.new_dropout_seed())")
+        if seed.device.type not in ("cpu", "meta"):
+            raise ValueError(f"'seed' must be a CPU tensor, got one on {seed.device}")
+
+
+def _check_linear(x, weight, bias, lora_A, lora_B) -> None:
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    _check_tensor(weight, "weight", 2)
+    _check_tensor(lora_A, "lora_A", 2)
+    _check_tensor(lora_B, "lora_B", 2)
+    for t, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+        _check_same(t, x, name, "x")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"'x' has last dim {x.shape[-1]} but 'weight' has in_features {in_f} (weight is [out, in])")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but 'weight' has {in_f} (lora_A is [r, in])")
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(
+            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
+        )
+    if lora_B.shape[0] != out_f:
+        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but 'weight' has {out_f}")
+    if bias is not None:
+        _check_tensor(bias, "bias", 1)
+        _check_same(bias, x, "bias", "x")
+        if bias.shape[0] != out_f:
+            raise ValueError(f"'bias' has {bias.shape[0]} elements but 'weight' has out_features {out_f}")
+
+
+def _seed_for(dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    if dropout_p > 0.0:
+        return new_dropout_seed() if seed is None else seed
+    return _NO_SEED
+
+
+def _fake_check_linear(x, weight, bias, lora_A, lora_B) -> None:
+    # The meta/fake path must raise the same kind of error a kernel would.
+    if x.dim() != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    _check_linear(x, weight, bias, lora_A, lora_B)
+
+
+# ---- fake (meta) implementations ------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastpeft::seeded_dropout")
+def _seeded_dropout_fake(x, p, seed):
+    _check_dropout(p, seed)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastpeft::lora_forward")
+def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    _fake_check_linear(x, weight, bias, lora_A, lora_B)
+    _check_dropout(dropout_p, seed)
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.register_fake("fastpeft::lora_backward")
+def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_grad_x=True):
+    _fake_check_linear(x, weight, None, lora_A, lora_B)
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastpeft::dora_weight_norm")
+def _dora_weight_norm_fake(weight, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight))
+
+
+def _check_magnitude(magnitude, weight) -> None:
+    _check_tensor(magnitude, "magnitude", 1)
+    _check_same(magnitude, weight, "magnitude", "weight")
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"'magnitude' has {magnitude.shape[0]} elements but 'weight' has out_features {weight.shape[0]}")
+
+
+@torch.library.register_fake("fastpeft::dora_forward")
+def _dora_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed):
+    _fake_check_linear(x, weight, bias, lora_A, lora_B)
+    _check_magnitude(magnitude, weight)
+    _check_dropout(dropout_p, seed)
+    n, out = x.shape[0], weight.shape[0]
+    return x.new_empty((n, out)), x.new_empty((n, lora_A.shape[0])), x.new_empty((n, out))
+
+
+@torch.library.register_fake("fastpeft::dora_backward")
+def _dora_backward_fake(grad_y, x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, scaling, dropout_p,
+                        seed, need_grad_x=True):
+    _fake_check_linear(x, weight, None, lora_A, lora_B)
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+def _seeded_dropout_setup(ctx, inputs, output):
+    _, p, seed = inputs
+    ctx.p = p
+    ctx.save_for_backward(seed)
+
+
+def _seeded_dropout_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _ops.seeded_dropout(grad, ctx.p, seed), None, None
+
+
+torch.library.register_autograd(
+    "fastpeft::seeded_dropout", _seeded_dropout_backward, setup_context=_seeded_dropout_setup
+)
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)  # no zero-filled grad for u (it is an internal value)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+
+
+def _lora_backward(ctx, grad_y, _grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 8
+    grad_x = grad_A = grad_B = grad_W = grad_b = None
+    if need[0] or need[3] or need[4]:
+        grad_x, grad_A, grad_B = _ops.lora_backward(
+            grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, bool(need[0])
+        )
+        if not need[0]:
+            grad_x = None
+    if need[1]:  # unfrozen base weight: y = x W^T + ...
+        grad_W = grad_y.t() @ x
+    if need[2]:
+        grad_b = grad_y.sum(0)
+    return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None
+
+
+torch.library.register_autograd("fastpeft::lora_forward", _lora_backward, setup_context=_lora_setup)
+
+
+def _dora_setup(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed = inputs
+    _, u, z = output
+    ctx.mark_non_differentiable(u, z)
+    ctx.set_materialize_grads(False)  # no zero-filled [N, out] grad for z
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, seed)
+
+
+def _dora_backward(ctx, grad_y, _grad_u, _grad_z):
+    x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 10
+    s, p = ctx.scaling, ctx.dropout_p
+    grad_x = grad_A = grad_B = grad_m = grad_W = grad_b = None
+    if need[0] or need[3] or need[4] or need[5]:
+        grad_x, grad_A, grad_B, grad_m = _ops.dora_backward(
+            grad_y, x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, s, p, seed, bool(need[0])
+        )
+        if not need[0]:
+            grad_x = None
+    if need[1]:  # unfrozen base weight (the norm is a constant, as in peft)
+        mn = (magnitude.to(weight_norm.dtype) / weight_norm).to(grad_y.dtype)
+        if p > 0.0:
+            grad_W = grad_y.t() @ x + (grad_y * (mn - 1)).t() @ _ops.seeded_dropout(x, p, seed)
+        else:
+            grad_W = (grad_y * mn).t() @ x
+    if need[2]:
+        grad_b = grad_y.sum(0)
+    return grad_x, grad_W, grad_b, grad_A, grad_B, grad_m, None, None, None, None
+
+
+torch.library.register_autograd("fastpeft::dora_forward", _dora_backward, setup_context=_dora_setup)
+
+
+# ---- public wrappers ------------------------------------------------------------------------------
+
+
+def seeded_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """Dropout whose mask is a hash of (seed, element index): ``x * keep / (1 - p)``.
+
+    ``x`` of any shape is indexed as the 2-D ``x.reshape(-1, x.shape[-1])``; the same seed gives the
+    same mask on CPU and CUDA, and the backward regenerates it instead of storing it. ``p`` must be
+    in [0, 1); ``seed`` is a one-element int64 CPU tensor (:func:`new_dropout_seed`).
+    """
+    _check_tensor(x, "x")
+    _check_dropout(p, seed)
+    if seed is None:
+        raise TypeError("'seed' must be a one-element int64 tensor, got None")
+    if not _use_kernel(x):
+        return _ref.seeded_dropout(x, float(p), seed)
+    if x.dim() == 2:
+        return _ops.seeded_dropout(x, float(p), seed)
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
+    return _ops.seeded_dropout(x2, float(p), seed).reshape(x.shape)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """LoRA linear layer: ``x W^T + b + scaling * B(A(dropout(x)))`` in one fused op.
+
+    Args:
+        x: ``[..., in]`` input (any leading dims).
+        weight: base weight ``[out, in]`` (pass ``weight.T`` for a fan_in_fan_out/Conv1D layer);
+            may be a non-contiguous view.
+        bias: ``[out]`` or None.
+        lora_A: ``[r, in]``; lora_B: ``[out, r]``.
+        scaling: the adapter scale (lora_alpha / r).
+        dropout_p: dropout probability on the adapter path's input, in [0, 1).
+        seed: one-element int64 CPU tensor for the dropout mask; drawn with
+            :func:`new_dropout_seed` when dropout_p > 0 and it is None.
+
+    Returns ``[..., out]``. Backward saves only x, the weights, the rank-r ``u = drop(x) A^T`` and
+    the seed (no mask, no ``drop(x)``); gradients flow to x, lora_A, lora_B, and to weight/bias if
+    they require grad.
+    """
+    _check_linear(x, weight, bias, lora_A, lora_B)
+    _check_dropout(dropout_p, seed)
+    seed = _seed_for(dropout_p, seed)
+    out_f = weight.shape[0]
+    if not _use_kernel(x):
+        return _ref.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = _ops.lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """DoRA's per-output-row norm ``||W + scaling * B A||_2`` without materialising ``B A``.
+
+    Args: weight ``[out, in]``, lora_A ``[r, in]``, lora_B ``[out, r]`` (one dtype and device).
+    Returns a float32 ``[out]`` tensor (float64 for float64 inputs). Not differentiable: DoRA
+    treats the norm as a constant (peft's ``DoraLinearLayer.get_weight_norm(...).detach()``).
+    """
+    _check_tensor(weight, "weight", 2)
+    _check_tensor(lora_A, "lora_A", 2)
+    _check_tensor(lora_B, "lora_B", 2)
+    _check_same(lora_A, weight, "lora_A", "weight")
+    _check_same(lora_B, weight, "lora_B", "weight")
+    if lora_A.shape[1] != weight.shape[1]:
+        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but 'weight' has {weight.shape[1]}")
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]}")
+    if lora_B.shape[0] != weight.shape[0]:
+        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but 'weight' has {weight.shape[0]}")
+    with torch.no_grad():
+        if not _use_kernel(weight):
+            return _ref.dora_weight_norm(weight, lora_A, lora_B, float(scaling))
+        return _ops.dora_weight_norm(weight, lora_A, lora_B, float(scaling))
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """DoRA linear layer with peft's formula, fused.
+
+    With ``n = ||W + s B A||_2`` per output row (detached) and ``xd = dropout(x)``::
+
+        y = x W^T + b + (m/n - 1) * (xd W^T) + (m/n) * s * B(A(xd))
+
+    which is ``(m/n) * (x W^T + s B(A(x))) + b`` (one base GEMM) without dropout. Arguments as in
+    :func:`lora_linear`, plus ``magnitude`` ``[out]`` (DoRA's m, same dtype as x). Gradients flow to
+    x, lora_A, lora_B, magnitude, and to weight/bias if they require grad.
+    """
+    _check_linear(x, weight, bias, lora_A, lora_B)
+    _check_magnitude(magnitude, weight)
+    _check_dropout(dropout_p, seed)
+    seed = _seed_for(dropout_p, seed)
+    out_f = weight.shape[0]
+    if not _use_kernel(x):
+        return _ref.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed)
+    weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling).detach()
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _, _ = _ops.dora_forward(
+        x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling), float(dropout_p), seed
+    )
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)

@@ -1,0 +1,195 @@
+"""Pure-PyTorch reference of every fastpeft kernel: the spec the C++/CUDA kernels are tested against.
+
+It is also the fallback on devices that have no compiled kernel (e.g. MPS); `fastpeft.ops` never
+uses it on CPU or CUDA. Everything here is written for clarity, not speed: the dropout mask is
+materialised, DoRA's weight norm materialises ``B @ A``.
+
+Dropout mask (mirrors ``csrc/common/dropout_hash.h`` bit for bit). For a 2-D input with ``cols``
+columns, element ``(row, col)`` has the 64-bit index ``idx = row * cols + col``; with
+``lo = idx & 0xFFFFFFFF``, ``hi = idx >> 32`` and the seed's two 32-bit words ``s_lo``, ``s_hi``::
+
+    k1 = mix32(s_lo ^ 0x85ebca6b)
+    k2 = mix32(s_hi + hi * 0x9e3779b9 + 0x27d4eb2f)          (mod 2**32)
+    keep = mix32(mix32(lo + k1) ^ k2) >= floor(p * 2**32)     (threshold clamped to 2**32 - 1)
+
+and ``drop(x) = x * (keep ? 1/(1-p) : 0)`` with the multiply in float32 (float64 for float64
+inputs), rounded once to x's dtype. The 32-bit multiplies are done on int64 tensors with the
+constant split into 16-bit halves so no intermediate reaches 2**63.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "dropout_threshold",
+    "dropout_keep_mask",
+    "seeded_dropout",
+    "lora_forward",
+    "lora_backward",
+    "lora_linear",
+    "dora_weight_norm",
+    "dora_forward",
+    "dora_backward",
+    "dora_linear",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x in [0, 2**32) (int or int64 tensor) and a 32-bit constant c."""
+    c_lo, c_hi = c & 0xFFFF, c >> 16
+    return (x * c_lo + (((x * c_hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """The 32-bit finaliser of dropout_hash.h on ints or int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    x = x ^ (x >> 16)
+    return x
+
+
+def dropout_threshold(p: float) -> int:
+    """Kept iff hash >= threshold; threshold = floor(p * 2**32) clamped to 2**32 - 1."""
+    t = float(p) * 4294967296.0
+    return _M32 if t >= 4294967295.0 else int(t)
+
+
+def _seed_value(seed) -> int:
+    if isinstance(seed, Tensor):
+        return int(seed.reshape(-1)[0].item())
+    return int(seed)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout_keep_mask(rows: int, cols: int, p: float, seed, device=None) -> Tensor:
+    """Boolean keep mask [rows, cols] for the logical 2-D element indices ``row * cols + col``."""
+    s = _seed_value(seed)
+    s_lo, s_hi = s & _M32, (s >> 32) & _M32
+    idx = torch.arange(rows * cols, dtype=torch.int64, device=device).reshape(rows, cols)
+    lo = idx & _M32
+    hi = idx >> 32
+    k1 = _mix32(s_lo ^ 0x85EBCA6B)
+    k2 = _mix32((s_hi + _mul32(hi, 0x9E3779B9) + 0x27D4EB2F) & _M32)
+    h = _mix32(_mix32((lo + k1) & _M32) ^ k2)
+    return h >= dropout_threshold(p)
+
+
+def _as_2d(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def seeded_dropout(x: Tensor, p: float, seed) -> Tensor:
+    """drop(x): x * keep / (1-p) (multiply by the float32 reciprocal), mask from the hash above.
+
+    x is viewed as 2-D ``[-1, x.shape[-1]]`` for the element indices; p == 0 returns a copy.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"'dropout_p' must be in [0, 1), got {p}")
+    if p == 0.0:
+        return x.clone()
+    x2 = _as_2d(x)
+    op = _opmath(x.dtype)
+    keep = dropout_keep_mask(x2.shape[0], x2.shape[1], p, seed, x.device)
+    mult = torch.where(keep, torch.tensor(1.0 / (1.0 - p), dtype=op, device=x.device),
+                       torch.zeros((), dtype=op, device=x.device))
+    return (x2.to(op) * mult).to(x.dtype).reshape(x.shape)
+
+
+def _drop(x: Tensor, p: float, seed) -> Tensor:
+    return seeded_dropout(x, p, seed) if p > 0.0 else x
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> Tuple[Tensor, Tensor]:
+    """(y, u): u = drop(x) A^T, y = x W^T + b + s u B^T."""
+    u = _drop(x, dropout_p, seed) @ lora_A.t()
+    y = torch.nn.functional.linear(x, weight, bias) + scaling * (u @ lora_B.t())
+    return y, u
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed):
+    """(grad_x, grad_A, grad_B) of lora_forward's y (u treated as an internal value)."""
+    gu = scaling * (grad_y @ lora_B)
+    grad_B = scaling * (grad_y.t() @ u)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+        mult = keep.to(x.dtype) / (1.0 - dropout_p)
+        grad_x = grad_y @ weight + mult * (gu @ lora_A)
+    else:
+        grad_x = grad_y @ weight + gu @ lora_A
+    grad_A = gu.t() @ _drop(x, dropout_p, seed)
+    return grad_x, grad_A, grad_B
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed=None) -> Tensor:
+    """Differentiable reference of ``fastpeft.ops.lora_linear`` (any leading dims on x)."""
+    xd = _drop(x, dropout_p, seed)
+    return torch.nn.functional.linear(x, weight, bias) + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> Tensor:
+    """||W + s B A||_2 per output row, materialising B A, in float32 (float64 for float64)."""
+    op = _opmath(weight.dtype)
+    w = weight.to(op) + scaling * (lora_B.to(op) @ lora_A.to(op))
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def _mag_norm(magnitude: Tensor, weight_norm: Tensor) -> Tensor:
+    op = _opmath(magnitude.dtype)
+    return magnitude.to(op) / weight_norm.to(op)
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling: float, dropout_p: float, seed):
+    """(y, u, z): peft's DoRA with xd = drop(x), u = xd A^T, z = xd W^T + s u B^T and
+    y = x W^T + b + (m/n - 1) xd W^T + (m/n) s u B^T  (= (m/n) z + b without dropout)."""
+    xd = _drop(x, dropout_p, seed)
+    mn = _mag_norm(magnitude, weight_norm)
+    u = xd @ lora_A.t()
+    p = xd @ weight.t()
+    q = u @ lora_B.t()
+    z = p + scaling * q
+    y = x @ weight.t() + (mn - 1).to(x.dtype) * p + (mn * scaling).to(x.dtype) * q
+    if bias is not None:
+        y = y + bias
+    return y, u, z
+
+
+def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, scaling: float,
+                  dropout_p: float, seed):
+    """(grad_x, grad_A, grad_B, grad_magnitude) of dora_forward's y, weight_norm held constant."""
+    op = _opmath(x.dtype)
+    mn = _mag_norm(magnitude, weight_norm)
+    grad_m = ((grad_y.to(op) * z.to(op)).sum(0) / weight_norm.to(op)).to(magnitude.dtype)
+    gz = grad_y * mn.to(x.dtype)
+    gu = scaling * (gz @ lora_B)
+    grad_B = scaling * (gz.t() @ u)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+        mult = keep.to(x.dtype) / (1.0 - dropout_p)
+        grad_x = grad_y @ weight + mult * ((gz - grad_y) @ weight + gu @ lora_A)
+    else:
+        grad_x = gz @ weight + gu @ lora_A
+    grad_A = gu.t() @ _drop(x, dropout_p, seed)
+    return grad_x, grad_A, grad_B, grad_m
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float = 0.0,
+                seed=None) -> Tensor:
+    """Differentiable reference of ``fastpeft.ops.dora_linear`` (peft's DoRA; the norm is detached)."""
+    with torch.no_grad():
+        n = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    xd = _drop(x, dropout_p, seed)
+    mn = (magnitude.to(n.dtype) / n).to(x.dtype)
+    p = xd @ weight.t()
+    q = (xd @ lora_A.t()) @ lora_B.t()
+    y = x @ weight.t() + (mn - 1) * p + mn * scaling * q
+    return y + bias if bias is not None else y

@@ -1,0 +1,181 @@
+"""`LoraConfig`: peft's LoRA config, field for field, with its defaults and checks."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ...config import PeftConfig, PeftType, register_config
+
+# Values of `init_lora_weights` this version can run (besides True / False / "pissa_niter_<n>").
+SUPPORTED_INITS = ("gaussian", "pissa", "olora", "loftq")
+# Values peft also accepts; a config holding them loads, but creating the adapter raises.
+PEFT_ONLY_INITS = ("eva", "corda", "orthogonal", "mica", "lora_ga")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+# Sub-configs of peft's LoraConfig for features fastpeft does not implement (yet). They are kept as
+# plain dicts so a peft config round-trips; a LoraModel refuses to build an adapter that sets them.
+_UNSUPPORTED_SUBCONFIGS = (
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
+
+
+def _as_dict(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+@register_config(PeftType.LORA)
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (`LoraModel`); the fields, defaults and JSON keys are peft's.
+
+    The main fields: `r` (rank), `lora_alpha` (scaling = lora_alpha / r, or lora_alpha / sqrt(r) with
+    `use_rslora`), `lora_dropout`, `target_modules` (list: exact names or `.`-suffixes; str: a regex
+    matched against the full module name; "all-linear": every Linear/Conv1D but the output layer),
+    `exclude_modules`, `fan_in_fan_out` (True for transformers' Conv1D weights), `bias` ("none", "all",
+    "lora_only"), `modules_to_save`, `init_lora_weights` (True, False, "gaussian", "pissa",
+    "pissa_niter_<n>", "olora", "loftq"), `layers_to_transform` / `layers_pattern`, `rank_pattern` /
+    `alpha_pattern` (module-name regex -> rank / alpha), `use_dora`, `lora_bias`.
+    """
+
+    r: int = field(default=8, metadata={"help": "Lora attention dimension"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None)
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    lora_alpha: Union[int, float] = field(default=8, metadata={"help": "Lora alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Lora dropout"})
+    fan_in_fan_out: bool = field(default=False)
+    bias: Literal["none", "all", "lora_only"] = field(default="none")
+    use_rslora: bool = field(default=False)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    init_lora_weights: Union[bool, str] = field(default=True)
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    rank_pattern: Optional[dict[str, int]] = field(default_factory=dict)
+    alpha_pattern: Optional[dict[str, Union[int, float]]] = field(default_factory=dict)
+    megatron_config: Optional[dict] = field(default=None)
+    megatron_core: Optional[str] = field(default="megatron.core")
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None)
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Optional[dict] = field(default=None)
+    corda_config: Optional[dict] = field(default=None)
+    lora_ga_config: Optional[dict] = field(default=None)
+    use_dora: bool = field(default=False)
+    velora_config: Optional[dict] = field(default=None)
+    alora_invocation_tokens: Optional[list[int]] = field(default=None)
+    use_qalora: bool = field(default=False)
+    qalora_group_size: int = field(default=16)
+    monteclora_config: Optional[dict] = field(default=None)
+    layer_replication: Optional[list[tuple[int, int]]] = field(default=None)
+    lora_bias: bool = field(default=False)
+    target_parameters: Optional[list[str]] = field(default=None)
+    use_bdlora: Optional[dict] = field(default=None)
+    arrow_config: Optional[dict] = field(default=None)
+    kasa_config: Optional[dict] = field(default=None)
+    ensure_weight_tying: bool = field(default=False)
+
+    def __post_init__(self):
+        # nested configs may come as dataclass instances (peft's LoftQConfig, EvaConfig, ...): keep dicts
+        self.loftq_config = _as_dict(self.loftq_config)
+        for name in _UNSUPPORTED_SUBCONFIGS:
+            setattr(self, name, _as_dict(getattr(self, name)))
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        super().__post_init__()  # checks every field's type
+        self.peft_type = PeftType.LORA
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got r={self.r}")
+        for key, rank in self.rank_pattern.items():
+            if rank <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.init_lora_weights, str):
+            init = self.init_lora_weights
+            if not (init in SUPPORTED_INITS or init in PEFT_ONLY_INITS or _PISSA_NITER.fullmatch(init)):
+                raise ValueError(
+                    f"LoraConfig.init_lora_weights={init!r} is not valid; use True, False, 'gaussian', 'pissa', "
+                    "'pissa_niter_<n>' (n a non-negative integer), 'olora' or 'loftq'"
+                )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "LoraConfig.layers_to_transform cannot be used when target_modules is a str (a regex); "
+                "pass target_modules as a list or encode the layers in the regex"
+            )
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError(
+                "LoraConfig.layers_pattern cannot be used when target_modules is a str (a regex); "
+                "pass target_modules as a list or encode the layers in the regex"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                "LoraConfig.layers_pattern is set but layers_to_transform is not; set layers_to_transform to the "
+                "layer indices to adapt, or drop layers_pattern"
+            )
+        if self.use_dora and self.megatron_config:
+            raise ValueError("LoraConfig.use_dora does not support megatron_config; set use_dora=False")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("LoraConfig.target_parameters must be a list of strings or None")
+
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError(
+                    "LoraConfig.loftq_config must be given when init_lora_weights='loftq' "
+                    "(e.g. loftq_config={'loftq_bits': 4, 'loftq_iter': 1})"
+                )
+        elif self.loftq_config:
+            warnings.warn("LoraConfig.loftq_config is ignored because init_lora_weights is not 'loftq'")
+            self.loftq_config = {}
+
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(
+                    "LoraConfig.lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={self.init_lora_weights!r}"
+                )
+            if self.use_dora:
+                raise ValueError("LoraConfig.lora_bias=True is not supported with DoRA; set use_dora=False")
+
+        if (
+            self.use_rslora
+            and (self.rank_pattern or self.alpha_pattern)
+            and isinstance(self.init_lora_weights, str)
+            and (self.init_lora_weights.startswith("pissa") or self.init_lora_weights == "olora")
+        ):
+            warnings.warn(
+                "rslora with rank_pattern/alpha_pattern and PiSSA/OLoRA init: the modified base weights cannot be "
+                "converted back after training (path_initial_model_for_weight_conversion)"
+            )
+
+    def unsupported_features(self) -> list[str]:
+        """The fields that ask for a peft feature fastpeft's LoRA cannot run (empty when all is supported)."""
+        found = [name for name in _UNSUPPORTED_SUBCONFIGS if getattr(self, name) is not None]
+        if self.init_lora_weights in PEFT_ONLY_INITS:
+            found.append(f"init_lora_weights={self.init_lora_weights!r}")
+        for name in ("megatron_config", "alora_invocation_tokens", "layer_replication", "target_parameters",
+                     "trainable_token_indices"):
+            if getattr(self, name):
+                found.append(name)
+        for name in ("use_qalora", "ensure_weight_tying"):
+            if getattr(self, name):
+                found.append(name)
+        return found

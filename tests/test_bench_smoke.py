@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark harness (bench/): the lora suite on tiny shapes, quick settings.
+Proves the harness runs end to end and writes its results; asserts nothing about timings."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+pytest.importorskip("peft")
+
+from bench import common, run  # noqa: E402
+
+
+def _fastpeft_lora_available() -> bool:
+    try:
+        import fastpeft
+        from bench.bench_lora import OneLinear
+
+        fastpeft.get_peft_model(OneLinear(8, 8), fastpeft.LoraConfig(r=2, target_modules=["proj"]))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_timing_helpers():
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+
+    t = common.time_interleaved({"a": a, "b": b}, "cpu", warmup=1, repeats=4, min_sample_ms=0.0)
+    assert len(t.samples["a"]) == len(t.samples["b"]) == 4
+    assert calls["a"] >= 5 and calls["b"] >= 5
+    assert t.ratio("a", "b") > 0 and t.median("a") >= 0
+    assert common.Target(1.15).check(1.2) == "PASS" and common.Target(0.6, "<=").check(0.7) == "MISS"
+
+
+def test_saved_bytes_excludes_params_and_dedups_storages():
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    x = torch.randn(4, 16, requires_grad=True)
+    sb, out = common.measure_saved_bytes(lambda: x @ w, params=[w], inputs=[x])
+    out.sum().backward()
+    assert sb.total == 4 * 16 * 4 and sb.excluding_inputs == 0
+    # x saved twice (as itself and through a view) counts once
+    sb, out = common.measure_saved_bytes(lambda: (x * x.view(4, 16)).sum(), params=[], inputs=[])
+    assert sb.total == 4 * 16 * 4
+
+
+def test_lora_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5,
+        verbose=False, options={"d": 64, "tokens": 32, "r": 4},
+    )
+    run.load_suites()
+    assert {"lora", "llama"} <= set(common.SUITES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threading only adds OpenMP stalls on a busy shared CPU
+    try:
+        res = run.run_suite("lora", ctx, str(tmp_path), plot=True)
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "lora-cpu.json").read_text())
+    assert data["suite"] == "lora" and data["meta"]["machine"]["torch_version"] == torch.__version__
+    layer = data["tables"][0]
+    impls = {(r["case"], r["impl"]) for r in layer["rows"]}
+    for case in ("lora", "lora drop0.1", "dora"):
+        assert (case, "base") in impls and (case, "peft") in impls
+    for r in layer["rows"]:
+        assert r["ms"] > 0
+    if _fastpeft_lora_available():
+        for case in ("lora", "lora drop0.1", "dora"):
+            assert (case, "fastpeft") in impls, res.errors
+        assert any(r.kind == "speedup" and r.value for r in res.ratios)
+        assert (tmp_path / "lora-cpu.png").exists()
+
+
+def test_cli_list(capsys):
+    assert run.main(["--list"]) == 0
+    assert "lora" in capsys.readouterr().out
