@@ -348,30 +348,29 @@ def bench_raw_ops(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: i
             "torch": {"forward": (lambda p=p: _torch_lora(x, W, b, A, B, s, p)), "params": frozen + [A, B]},
             "fastpeft": {"forward": (lambda p=p: ops.lora_linear(x, W, b, A, B, s, dropout_p=p)), "params": frozen + [A, B]},
         }
-        mismatch = None
-        try:
-            with torch.no_grad():
-                e = rel_err(ops.lora_linear(x, W, b, A, B, s, dropout_p=0.0), _torch_lora(x, W, b, A, B, s, 0.0))
-            if not e <= _tolerance(dtype):
-                mismatch = f"lora_linear vs torch rel err {e:.2e}"
-                res.errors.append(f"{dtype_name(dtype)} {label}: {mismatch}")
-            run_group(ctx, res, table, dtype=dtype, case=label, label=label, impls=impls, slow="torch", fast="fastpeft",
-                      base="base", speed_target=None, mem_target=None, x=x, g=g, mismatch=mismatch)
-        except Exception as exc:  # noqa: BLE001
-            res.errors.append(f"{dtype_name(dtype)} {label}: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
+        _run_op_group(ctx, res, table, dtype, label, impls, x, g, "lora_linear",
+                      fused=lambda: ops.lora_linear(x, W, b, A, B, s, dropout_p=0.0),
+                      unfused=lambda: _torch_lora(x, W, b, A, B, s, 0.0))
     label = "op dora_linear p=0"
     impls = {
         "base": {"forward": lambda: F.linear(x, W, b), "params": frozen},
         "torch": {"forward": lambda: _torch_dora(x, W, b, A, B, mag, s), "params": frozen + [A, B, mag]},
         "fastpeft": {"forward": lambda: ops.dora_linear(x, W, b, A, B, mag, s, dropout_p=0.0), "params": frozen + [A, B, mag]},
     }
+    _run_op_group(ctx, res, table, dtype, label, impls, x, g, "dora_linear",
+                  fused=lambda: ops.dora_linear(x, W, b, A, B, mag, s, dropout_p=0.0),
+                  unfused=lambda: _torch_dora(x, W, b, A, B, mag, s))
+
+
+def _run_op_group(ctx: BenchContext, res: SuiteResult, table: Table, dtype, label: str, impls, x, g, op: str,
+                  fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor]):
+    """One raw-op row group: the fused op checked once against the torch expression (dropout off), then timed."""
+    mismatch = None
     try:
-        mismatch = None
         with torch.no_grad():
-            e = rel_err(ops.dora_linear(x, W, b, A, B, mag, s, dropout_p=0.0), _torch_dora(x, W, b, A, B, mag, s))
+            e = rel_err(fused(), unfused())
         if not e <= _tolerance(dtype):
-            mismatch = f"dora_linear vs torch rel err {e:.2e}"
+            mismatch = f"{op} vs torch rel err {e:.2e}"
             res.errors.append(f"{dtype_name(dtype)} {label}: {mismatch}")
         run_group(ctx, res, table, dtype=dtype, case=label, label=label, impls=impls, slow="torch", fast="fastpeft",
                   base="base", speed_target=None, mem_target=None, x=x, g=g, mismatch=mismatch)

@@ -74,17 +74,23 @@ def _build_pair(case):
     return base, pcfg, fcfg, name
 
 
+def _randomize_save_and_run(model, directory):
+    """Random adapter weights, eval mode, `save_pretrained(directory)` (warnings silenced); returns
+    (batch, the model's logits on it)."""
+    randomize_adapter(model)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(directory))
+    batch = inputs()
+    return batch, logits(model, batch)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_saved_adapter_loads_into_fastpeft(case, tmp_path):
     base, pcfg, _, name = _build_pair(case)
     pm = peft.get_peft_model(copy.deepcopy(base), pcfg, adapter_name=name)
-    randomize_adapter(pm)
-    pm.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(str(tmp_path))
-    batch = inputs()
-    expected = logits(pm, batch)
+    batch, expected = _randomize_save_and_run(pm, tmp_path)
     with torch.no_grad():
         base_out = logits(base, batch)
     assert not torch.allclose(expected, base_out, atol=1e-3), "adapter must change the outputs"
@@ -104,13 +110,7 @@ def test_peft_saved_adapter_loads_into_fastpeft(case, tmp_path):
 def test_fastpeft_saved_adapter_loads_into_peft(case, tmp_path):
     base, _, fcfg, name = _build_pair(case)
     fm = fastpeft.get_peft_model(copy.deepcopy(base), fcfg, adapter_name=name)
-    randomize_adapter(fm)
-    fm.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fm.save_pretrained(str(tmp_path))
-    batch = inputs()
-    expected = logits(fm, batch)
+    batch, expected = _randomize_save_and_run(fm, tmp_path)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), _adapter_dir(str(tmp_path), name), adapter_name=name)
     pm.eval()
     torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=ATOL)

@@ -663,3 +663,52 @@ def test_conv_groups_merge_not_supported():
         model.merge_adapter()
     with pytest.raises(ValueError, match="divisible by groups"):
         LoraModel(nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), LoraConfig(target_modules=["0"], r=3))
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize(
+    "backend, use_dora, training",
+    [("aot_eager", dora, training) for dora in (False, True) for training in (True, False)]
+    + [("inductor", False, True)],
+)
+def test_torch_compile_fullgraph_matches_eager(backend, use_dora, training):
+    import torch._inductor.config
+
+    import fastpeft
+
+    config = fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], lora_dropout=0.1,
+                                 use_dora=use_dora)
+    model = randomize(fastpeft.get_peft_model(MLP(), config)).train(training)
+    x = torch.randn(6, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: a graph break raises
+    # inductor draws random numbers (here: the dropout seed) with its own generator unless fallback_random
+    with torch._inductor.config.patch(fallback_random=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(1)  # same dropout draws as the eager run below
+        out = compiled(x)
+        out.pow(2).sum().backward()
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(1)
+    expected = model(x)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, msg=n)

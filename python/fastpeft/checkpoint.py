@@ -66,35 +66,29 @@ class AdapterCheckpointError(ValueError):
 _CLS_CACHE: dict[str, type] = {}
 
 
-def _base_tuner_layer_cls():
-    if "layer" in _CLS_CACHE:
-        return _CLS_CACHE["layer"]
+def _tuners_base_class(key: str, names: tuple[str, ...]) -> Optional[type]:
+    """The first of the classes `names` that the tuners' base module defines (cached under `key`), or None."""
+    if key in _CLS_CACHE:
+        return _CLS_CACHE[key]
     for modname in ("fastpeft.tuners.base", "fastpeft.tuners.tuners_utils"):
         try:
-            mod = __import__(modname, fromlist=["BaseTunerLayer"])
+            mod = __import__(modname, fromlist=list(names))
         except ImportError:
             continue
-        cls = getattr(mod, "BaseTunerLayer", None)
-        if cls is not None:
-            _CLS_CACHE["layer"] = cls
-            return cls
+        for name in names:
+            cls = getattr(mod, name, None)
+            if cls is not None:
+                _CLS_CACHE[key] = cls
+                return cls
     return None
+
+
+def _base_tuner_layer_cls():
+    return _tuners_base_class("layer", ("BaseTunerLayer",))
 
 
 def _aux_wrapper_cls():
-    if "aux" in _CLS_CACHE:
-        return _CLS_CACHE["aux"]
-    for modname in ("fastpeft.tuners.base", "fastpeft.tuners.tuners_utils"):
-        try:
-            mod = __import__(modname, fromlist=["AuxiliaryTrainingWrapper"])
-        except ImportError:
-            continue
-        for name in ("AuxiliaryTrainingWrapper", "ModulesToSaveWrapper"):
-            cls = getattr(mod, name, None)
-            if cls is not None:
-                _CLS_CACHE["aux"] = cls
-                return cls
-    return None
+    return _tuners_base_class("aux", ("AuxiliaryTrainingWrapper", "ModulesToSaveWrapper"))
 
 
 def is_aux_wrapper(module: nn.Module) -> bool:

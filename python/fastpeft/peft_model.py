@@ -28,6 +28,7 @@ from .checkpoint import (
     set_peft_model_state_dict,
 )
 from .config import PeftConfig, TaskType
+from .training import _enable_input_require_grads
 
 __all__ = [
     "PeftModel",
@@ -315,14 +316,7 @@ class PeftModel(nn.Module):
             or getattr(model, "is_loaded_in_4bit", False)
             or getattr(model, "is_quantized", False)
         ):
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            elif hasattr(model, "get_input_embeddings"):
-
-                def make_inputs_require_grad(module, input, output):
-                    output.requires_grad_(True)
-
-                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+            _enable_input_require_grads(model)
         return model
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
@@ -511,6 +505,13 @@ class PeftModel(nn.Module):
 
     def _strip_special(self, kwargs: dict) -> dict:
         return {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+
+    def _forward_base_model(self, kwargs: dict, **inputs: Any):
+        """``base_model(**inputs, **kwargs)`` under the tuner's forward hooks (which see only ``kwargs``), the special
+        PEFT arguments removed from ``kwargs``: the forward of the task subclasses."""
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = self._strip_special(kwargs)
+            return self.base_model(**inputs, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any):
         with self._enable_peft_forward_hooks(*args, **kwargs):
@@ -756,20 +757,18 @@ class PeftModel(nn.Module):
         return load_result
 
 
-class PeftModelForSequenceClassification(PeftModel):
-    """PeftModel for sequence classification; the ``classifier``/``score`` head is trained and saved."""
+class _PeftModelWithHead(PeftModel):
+    """A task model whose head (the children named in ``_head_names``) is trained and saved with every adapter:
+    the head is added to each adapter config's ``modules_to_save``."""
 
-    _head_names = ("classifier", "score")
+    _head_names: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        _add_heads_to_modules_to_save(peft_config, self._head_names)
-        # before the tuner is built: it must not target the heads, and it wraps them in ModulesToSaveWrapper
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        if hasattr(peft_config, "modules_to_save"):
-            for name, _ in self.base_model.named_children():
-                if any(m in name for m in self.modules_to_save or ()):
-                    self.cls_layer_name = name
-                    break
+    def _wrap_head(self, peft_config: PeftConfig, adapter_name: str) -> None:
+        """After ``PeftModel.__init__``: note the head's name (``cls_layer_name``) and wrap it, trainable."""
+        for name, _ in self.base_model.named_children():
+            if any(m in name for m in self.modules_to_save or ()):
+                self.cls_layer_name = name
+                break
         _set_trainable(self, adapter_name, peft_config)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
@@ -780,21 +779,35 @@ class PeftModelForSequenceClassification(PeftModel):
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
 
+
+class _PeftModelWithClassifier(_PeftModelWithHead):
+    """Sequence and token classification: a ``classifier``/``score`` head and the same forward."""
+
+    _head_names = ("classifier", "score")
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         return_dict = return_dict if return_dict is not None else _get_return_dict(self.config)
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._forward_base_model(
+            kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+
+
+class PeftModelForSequenceClassification(_PeftModelWithClassifier):
+    """PeftModel for sequence classification; the ``classifier``/``score`` head is trained and saved."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        _add_heads_to_modules_to_save(peft_config, self._head_names)
+        # before the tuner is built: it must not target the heads, and it wraps them in ModulesToSaveWrapper
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self._wrap_head(peft_config, adapter_name)
 
 
 def _add_heads_to_modules_to_save(peft_config: PeftConfig, head_names) -> None:
@@ -827,18 +840,16 @@ class PeftModelForCausalLM(PeftModel):
                 return_dict=return_dict,
                 **kwargs,
             )
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._forward_base_model(
+            kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
 
     def generate(self, *args, **kwargs):
         self.base_model.prepare_inputs_for_generation = self.prepare_inputs_for_generation
@@ -873,21 +884,19 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._forward_base_model(
+            kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
 
     def generate(self, **kwargs):
         self.base_model.prepare_inputs_for_generation = self.prepare_inputs_for_generation
@@ -902,48 +911,18 @@ class PeftModelForSeq2SeqLM(PeftModel):
         return self.base_model_prepare_inputs_for_generation(*args, **kwargs)
 
 
-class PeftModelForTokenClassification(PeftModel):
+class PeftModelForTokenClassification(_PeftModelWithClassifier):
     """PeftModel for token classification; the ``classifier``/``score`` head is trained and saved."""
-
-    _head_names = ("classifier", "score")
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig = None, adapter_name: str = "default",
                  **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         # peft adds the heads after building the tuner for this task
         _add_heads_to_modules_to_save(peft_config, self._head_names)
-        for name, _ in self.base_model.named_children():
-            if any(m in name for m in self.modules_to_save or ()):
-                self.cls_layer_name = name
-                break
-        _set_trainable(self, adapter_name, peft_config)
-
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
-                    autocast_adapter_dtype: bool = True) -> None:
-        _add_heads_to_modules_to_save(peft_config, self._head_names)
-        return super().add_adapter(
-            adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else _get_return_dict(self.config)
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        self._wrap_head(peft_config, adapter_name)
 
 
-class PeftModelForQuestionAnswering(PeftModel):
+class PeftModelForQuestionAnswering(_PeftModelWithHead):
     """PeftModel for extractive question answering; the ``qa_outputs`` head is trained and saved."""
 
     _head_names = ("qa_outputs",)
@@ -951,39 +930,25 @@ class PeftModelForQuestionAnswering(PeftModel):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         _add_heads_to_modules_to_save(peft_config, self._head_names)
-        for name, _ in self.base_model.named_children():
-            if any(m in name for m in self.modules_to_save or ()):
-                self.cls_layer_name = name
-                break
-        _set_trainable(self, adapter_name, peft_config)
-
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
-                    autocast_adapter_dtype: bool = True) -> None:
-        _add_heads_to_modules_to_save(peft_config, self._head_names)
-        return super().add_adapter(
-            adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
+        self._wrap_head(peft_config, adapter_name)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         return_dict = return_dict if return_dict is not None else _get_return_dict(self.config)
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                start_positions=start_positions,
-                end_positions=end_positions,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                **kwargs,
-            )
+        return self._forward_base_model(
+            kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            start_positions=start_positions,
+            end_positions=end_positions,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+        )
 
 
 class PeftModelForFeatureExtraction(PeftModel):
@@ -994,17 +959,15 @@ class PeftModelForFeatureExtraction(PeftModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        with self._enable_peft_forward_hooks(**kwargs):
-            kwargs = self._strip_special(kwargs)
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                **kwargs,
-            )
+        return self._forward_base_model(
+            kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {

@@ -103,16 +103,22 @@ def prepare_model_for_kbit_training(
 
     if loaded_in_kbit and use_gradient_checkpointing:
         if gradient_checkpointing_kwargs.get("use_reentrant", True):
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            elif hasattr(model, "get_input_embeddings"):
-
-                def make_inputs_require_grad(module, input, output):
-                    output.requires_grad_(True)
-
-                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+            _enable_input_require_grads(model)
         _enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
     return model
+
+
+def _enable_input_require_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad, so that (reentrant) gradient checkpointing over frozen
+    embeddings still back-propagates: the model's ``enable_input_require_grads`` or, lacking it, a forward hook."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+
+        def make_inputs_require_grad(module, input, output):
+            output.requires_grad_(True)
+
+        model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
 
 
 def _enable_gradient_checkpointing(model: nn.Module, kwargs: dict) -> None:

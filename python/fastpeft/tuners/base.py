@@ -166,7 +166,24 @@ def include_all_linear_layers(config: PeftConfig, model: nn.Module) -> PeftConfi
 # ---- adapter layers -----------------------------------------------------------------------------
 
 
-class BaseTunerLayer(ABC):
+class _AdapterActivity:
+    """peft's read-only view of which adapters are active / disabled, over `_active_adapter` and
+    `_disable_adapters`: shared by the adapter layers and the modules_to_save wrappers."""
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else self._active_adapter
+
+
+class BaseTunerLayer(_AdapterActivity, ABC):
     """Mixin of every adapter layer (used with nn.Module).
 
     A layer holds its adapters in ModuleDicts / ParameterDicts named in `adapter_layer_names` (trainable)
@@ -197,18 +214,6 @@ class BaseTunerLayer(ABC):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self._active_adapter] if isinstance(self._active_adapter, str) else self._active_adapter
 
     def _adapter_containers(self):
         for name in self.adapter_layer_names:
@@ -351,7 +356,7 @@ class AuxiliaryTrainingWrapper(nn.Module):
     """Base of wrappers that train a module alongside an adapter (modules_to_save, trainable tokens)."""
 
 
-class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
+class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
     """A module trained fully: one copy per adapter in `modules_to_save`, the original in `original_module`.
 
     Only one adapter is active at a time; with none active (or adapters disabled) the original is used.
@@ -370,18 +375,6 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         self._disable_adapters = False
         self._adapters: set[str] = set()
         self.update(adapter_name)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self._active_adapter] if isinstance(self._active_adapter, str) else self._active_adapter
 
     def __getattr__(self, name: str):
         try:

@@ -310,6 +310,19 @@ class LoraLayer(BaseTunerLayer):
             else:
                 self.scaling[adapter] /= scale
 
+    def _adapters_to_apply(self, x, args: tuple, kwargs: dict) -> list[str]:
+        """The start of every LoRA forward: check the arguments, drop `adapter_names` from `kwargs` (in place), unmerge
+        when the adapters are disabled. Returns the active adapters to add to the base layer's output, or [] when
+        that output is the answer (adapters disabled or merged, or none active)."""
+        self._check_forward_args(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        active = self._active_lora_adapters()
+        return [] if self.merged else active
+
     def _active_lora_adapters(self) -> list[str]:
         container = self.lora_embedding_A if isinstance(self, Embedding) else self.lora_A
         return [a for a in self.active_adapters if a in container]
@@ -336,6 +349,8 @@ class Linear(nn.Module, LoraLayer):
         self._init_lora_layer(base_layer, adapter_name)
         self.fan_in_fan_out = config.fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        # resolved here, not in forward: torch.compile would trace (and warn about) the lru_cache-wrapped lookup
+        self._conv1d_cls = _conv1d_class()
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     @classmethod
@@ -387,19 +402,13 @@ class Linear(nn.Module, LoraLayer):
 
     def _can_fuse(self, args, kwargs) -> bool:
         base = self.get_base_layer()
-        conv1d = _conv1d_class()
+        conv1d = self._conv1d_cls
         plain = type(base) is nn.Linear or (conv1d is not None and type(base) is conv1d)
         return plain and not args and not kwargs
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active_lora_adapters()
-        if self.merged or not active:
+        active = self._adapters_to_apply(x, args, kwargs)
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         if not self._can_fuse(args, kwargs):
             return self._forward_unfused(x, active, *args, **kwargs)
@@ -515,15 +524,9 @@ class Embedding(nn.Module, LoraLayer):
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active_lora_adapters()
+        active = self._adapters_to_apply(x, args, kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not active:
+        if not active:
             return result
         result_dtype = result.dtype
         embed_scale = self._embed_scale()
@@ -599,15 +602,9 @@ class _ConvNd(nn.Module, LoraLayer):
         return (-1,) + (1,) * (self._kernel_dim - 1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active_lora_adapters()
+        active = self._adapters_to_apply(x, args, kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not active:
+        if not active:
             return result
         result_dtype = result.dtype
         base = self.get_base_layer()

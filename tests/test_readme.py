@@ -1,0 +1,41 @@
+"""The README's quick start is runnable as written."""
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _quick_start_code() -> str:
+    section = README.read_text().split("## Quick start", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README's quick start has no python block"
+    return match.group(1)
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaForCausalLM
+
+    from fastpeft import PeftModel
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_quick_start_code(), "README.md:quick-start", "exec"), ns)
+    assert "trainable params" in capsys.readouterr().out
+    assert (tmp_path / "my-adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    merged = ns["merged"]
+    assert type(merged) is LlamaForCausalLM
+    assert not any("lora" in name for name, _ in merged.named_modules())
+
+    # Re-create the original base (same seed, same first random draws) and reload the adapter:
+    # it must reproduce the merged model's outputs.
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(ns["base"].config)
+    reloaded = PeftModel.from_pretrained(original, "my-adapter").eval()
+    ids = ns["ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged.eval()(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
