@@ -50,4 +50,18 @@ TORCH_LIBRARY(fastpeft, m) {
       "dora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, Tensor weight_norm, Tensor u, Tensor z, float scaling, float dropout_p, "
       "Tensor seed, bool need_grad_x=True) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- nf4 family --------------------------------------------------------------------------
+  // bitsandbytes 0.50.2's NF4 bytes (formulas in csrc/common/nf4_impl.h and reference.py).
+  // w (fp32/bf16/fp16, any shape) is flattened row-major and quantised in blocks of `blocksize`
+  // (a power of two in [32, 4096]); returns (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
+  m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");
+  // code[q] * absmax in fp32, cast once to `dtype`; returns a tensor of `shape`.
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // bitsandbytes' CPU 8-bit blockwise quantiser with a 256-entry codebook `code` (the
+  // double-quant statistics use its signed dynamic map, blocksize 256); returns (q uint8 shaped
+  // like x, absmax fp32 [blocks]).
+  m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  // code[q] * absmax in fp32, cast once to `dtype`; shaped like q.
+  m.def("blockwise8_dequantize(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
 }

@@ -9,7 +9,10 @@ import torch
 import fastpeft
 from fastpeft import _loader
 
-OPS = ["seeded_dropout", "lora_forward", "lora_backward", "dora_weight_norm", "dora_forward", "dora_backward"]
+OPS = [
+    "seeded_dropout", "lora_forward", "lora_backward", "dora_weight_norm", "dora_forward", "dora_backward",
+    "nf4_quantize", "nf4_dequantize", "blockwise8_quantize", "blockwise8_dequantize",
+]
 
 
 def test_build_info_reports_build_and_runtime():

@@ -33,8 +33,10 @@ _LAZY = {
     "prepare_model_for_kbit_training": "fastpeft.training",
     "PeftTrainer": "fastpeft.training",
     "SaveAdapterCallback": "fastpeft.training",
+    "LinearNF4": "fastpeft.quant.nf4",
+    "quantize_model": "fastpeft.quant.nf4",
 }
-_SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli"}
+_SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli", "quant"}
 
 __all__ = ["build_info", "__version__", *_LAZY, *sorted(_SUBMODULES)]
 

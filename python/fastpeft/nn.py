@@ -7,9 +7,15 @@
     layer.merge()          # or layer.unmerge(); layer.get_base_layer() is the plain nn.Linear
 
 Each layer is the same class the tuners inject (same forward, merge/unmerge, state-dict keys).
+
+    from fastpeft.nn import LinearNF4
+    model.proj = LinearNF4.from_linear(model.proj, blocksize=64, double_quant=True)  # NF4, frozen
+
+LinearNF4's state dict is bitsandbytes Linear4bit's (keys, dtypes, bytes).
 """
 from __future__ import annotations
 
+from .quant.nf4 import LinearNF4
 from .tuners.lora.layer import Linear as LoraLinear
 
-__all__ = ["LoraLinear"]
+__all__ = ["LinearNF4", "LoraLinear"]

@@ -12,7 +12,7 @@ makes runs reproducible and activation checkpointing recomputes the same mask.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +26,10 @@ __all__ = [
     "lora_linear",
     "dora_linear",
     "dora_weight_norm",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "blockwise8_quantize",
+    "blockwise8_dequantize",
 ]
 
 _ops = torch.ops.fastpeft
@@ -379,3 +383,163 @@ def dora_linear(
         x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling), float(dropout_p), seed
     )
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+# ---- nf4 family -----------------------------------------------------------------------------------
+#
+# bitsandbytes 0.50.2's NF4 bytes and its 8-bit blockwise quantiser (used for the double-quant
+# statistics); the exact formulas are in fastpeft.reference. Quantisation is not differentiable:
+# these ops have no autograd formula (LinearNF4 keeps its quantised weight frozen).
+
+_QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_quant_input(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _QUANT_DTYPES:
+        raise TypeError(f"'{name}' must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_uint8(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.uint8:
+        raise TypeError(f"'{name}' must be uint8, got {t.dtype}")
+
+
+def _check_out_dtype(dtype) -> None:
+    if dtype not in _QUANT_DTYPES:
+        raise TypeError(f"'dtype' must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+
+
+def _check_absmax(absmax, n: int, blocksize: int) -> None:
+    if not isinstance(absmax, Tensor) or absmax.dtype != torch.float32:
+        got = absmax.dtype if isinstance(absmax, Tensor) else type(absmax).__name__
+        raise TypeError(f"'absmax' must be a float32 tensor, got {got}")
+    blocks = -(-n // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(f"'absmax' has {absmax.numel()} elements but {n} values in blocks of {blocksize} need {blocks}")
+
+
+def _check_code8(code) -> None:
+    if not isinstance(code, Tensor) or code.dtype != torch.float32 or code.shape != (256,):
+        desc = f"{code.dtype} {tuple(code.shape)}" if isinstance(code, Tensor) else type(code).__name__
+        raise ValueError(f"'code' must be a float32 tensor of shape (256,) (a sorted 8-bit codebook), got {desc}")
+
+
+def _shape_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        if int(d) < 0:
+            raise ValueError(f"'shape' must not have negative sizes, got {tuple(shape)}")
+        n *= int(d)
+    return n
+
+
+@torch.library.register_fake("fastpeft::nf4_quantize")
+def _nf4_quantize_fake(w, blocksize):
+    _check_quant_input(w, "w")
+    _ref.check_blocksize(blocksize)
+    n = w.numel()
+    return w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), w.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastpeft::nf4_dequantize")
+def _nf4_dequantize_fake(packed, absmax, blocksize, shape, dtype):
+    _ref.check_blocksize(blocksize)
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("fastpeft::blockwise8_quantize")
+def _blockwise8_quantize_fake(x, code, blocksize):
+    _check_quant_input(x, "x")
+    _ref.check_blocksize(blocksize)
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastpeft::blockwise8_dequantize")
+def _blockwise8_dequantize_fake(q, absmax, code, blocksize, dtype):
+    _ref.check_blocksize(blocksize)
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+def nf4_quantize(w: Tensor, blocksize: int = 64) -> Tuple[Tensor, Tensor]:
+    """Quantise ``w`` to NF4 with bitsandbytes' bytes.
+
+    Args:
+        w: float32/bfloat16/float16 tensor of any shape (a Linear weight is ``[out, in]``); it is
+            flattened in row-major order, so a non-contiguous view quantises its logical values.
+        blocksize: values per absmax block, a power of two in [32, 4096] (bitsandbytes' default 64).
+
+    Returns ``(packed, absmax)``: ``packed`` uint8 ``[(n + 1) // 2, 1]`` (two codes per byte, even
+    element in the high nibble) and ``absmax`` float32 ``[ceil(n / blocksize)]``, equal byte for
+    byte to ``bitsandbytes.functional.quantize_4bit(w, blocksize=..., quant_type="nf4")``. Raises
+    RuntimeError if ``w`` holds NaN or inf.
+    """
+    _check_quant_input(w, "w")
+    _ref.check_blocksize(blocksize)
+    with torch.no_grad():
+        if not _use_kernel(w):
+            return _ref.nf4_quantize(w, blocksize)
+        return _ops.nf4_quantize(w, blocksize)
+
+
+def nf4_dequantize(
+    packed: Tensor, absmax: Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Dequantise NF4 codes: ``code[q] * absmax`` in float32, rounded once to ``dtype``.
+
+    Args: ``packed`` uint8 (``(n + 1) // 2`` bytes, any shape), ``absmax`` float32
+    ``[ceil(n / blocksize)]`` (already de-nested), ``blocksize`` as used to quantise, ``shape`` of
+    the result (``n`` = its element count) and its ``dtype`` (float32, bfloat16 or float16).
+    """
+    _check_uint8(packed, "packed")
+    _ref.check_blocksize(blocksize)
+    _check_out_dtype(dtype)
+    shape = [int(d) for d in shape]
+    n = _shape_numel(shape)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"'packed' has {packed.numel()} bytes but 'shape' {tuple(shape)} needs {(n + 1) // 2}")
+    _check_absmax(absmax, n, blocksize)
+    if absmax.device != packed.device:
+        raise ValueError(f"'absmax' is on {absmax.device} but 'packed' is on {packed.device}; move them to one device")
+    if not _use_kernel(packed):
+        return _ref.nf4_dequantize(packed, absmax, blocksize, shape, dtype)
+    return _ops.nf4_dequantize(packed, absmax, blocksize, shape, dtype)
+
+
+def blockwise8_quantize(x: Tensor, code: Tensor, blocksize: int = 256) -> Tuple[Tensor, Tensor]:
+    """bitsandbytes' CPU 8-bit blockwise quantiser (its ``quantize_blockwise`` bytes).
+
+    Args: ``x`` float32/bfloat16/float16 (any shape, flattened row-major), ``code`` a sorted
+    float32 ``[256]`` codebook (:func:`fastpeft.reference.dynamic_map` for double quantisation),
+    ``blocksize`` a power of two in [32, 4096]. Returns ``(q, absmax)``: uint8 codes shaped like
+    ``x`` and float32 ``[ceil(n / blocksize)]``.
+    """
+    _check_quant_input(x, "x")
+    _check_code8(code)
+    _ref.check_blocksize(blocksize)
+    if code.device != x.device:
+        raise ValueError(f"'code' is on {code.device} but 'x' is on {x.device}; move them to one device")
+    with torch.no_grad():
+        if not _use_kernel(x):
+            return _ref.blockwise8_quantize(x, code, blocksize)
+        return _ops.blockwise8_quantize(x, code, blocksize)
+
+
+def blockwise8_dequantize(
+    q: Tensor, absmax: Tensor, code: Tensor, blocksize: int = 256, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``code[q] * absmax`` in float32, rounded once to ``dtype``, shaped like ``q``."""
+    _check_uint8(q, "q")
+    _check_code8(code)
+    _ref.check_blocksize(blocksize)
+    _check_out_dtype(dtype)
+    _check_absmax(absmax, q.numel(), blocksize)
+    for t, name in ((absmax, "absmax"), (code, "code")):
+        if t.device != q.device:
+            raise ValueError(f"'{name}' is on {t.device} but 'q' is on {q.device}; move them to one device")
+    if not _use_kernel(q):
+        return _ref.blockwise8_dequantize(q, absmax, code, blocksize, dtype)
+    return _ops.blockwise8_dequantize(q, absmax, code, blocksize, dtype)

@@ -193,3 +193,169 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, drop
     q = (xd @ lora_A.t()) @ lora_B.t()
     y = x @ weight.t() + (mn - 1) * p + mn * scaling * q
     return y + bias if bias is not None else y
+
+
+# ---- nf4 family -----------------------------------------------------------------------------------
+#
+# bitsandbytes 0.50.2's formats, byte for byte (its `quantize_4bit(..., quant_type="nf4")` on the
+# CPU and its CPU 8-bit `quantize_blockwise` for the double-quant statistics):
+#
+# NF4: x = w.flatten() in float32, blocks of `blocksize` values (a power of two in [32, 4096]).
+#   full block:    absmax = max|x|;                 s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)
+#   partial block: absmax = max(max|x|, 1e-38);     s = clamp(x / absmax, -1, 1)
+#   code = number of bounds (NF4[i] + NF4[i+1]) / 2 (fp32) strictly below s (a tie goes to the
+#   lower code); two codes per byte, even element in the HIGH nibble; an odd count is padded with
+#   the code of 0.0 (7). packed is uint8 [(n + 1) // 2, 1].
+# 8-bit blockwise (absmax of the absmax values, offset removed): absmax = max|x| per block; a block
+#   with absmax 0 is all code 0; otherwise v = clamp(x * (1 / absmax), -1, 1) and
+#   q = lut[int(((v + 1) * 0.5) * 65535 + 0.5)] with lut[i] = the number of leading midpoints
+#   0.5 * (c[j] + c[j+1]) below -1 + 2i / 65535 (all float32, no fused multiply-add).
+# Dequantisation: code[q] * absmax in float32, then one rounding to the output dtype.
+
+NF4_CODE_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+
+def nf4_code(device=None) -> Tensor:
+    """The 16 NF4 values (bitsandbytes' ``get_4bit_type("nf4")``), float32."""
+    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
+    """bitsandbytes' ``create_dynamic_map``: the 256-entry 8-bit dynamic code (sorted, float32)."""
+    data = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    assert len(data) == 2**total_bits
+    data += [0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def check_blocksize(blocksize) -> None:
+    """Raise ValueError unless blocksize is a power of two in [32, 4096]."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or (
+        blocksize & (blocksize - 1)
+    ):
+        raise ValueError(f"'blocksize' must be a power of two in [32, 4096], got {blocksize!r}")
+
+
+def _blocks(x: Tensor, blocksize: int):
+    """Yield (start, stop) of each block of the flat tensor x."""
+    n = x.numel()
+    for start in range(0, n, blocksize):
+        yield start, min(start + blocksize, n)
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise RuntimeError(f"fastpeft: '{name}' contains NaN or infinite values, which blockwise quantisation cannot represent")
+
+
+def nf4_quantize(w: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
+    """(packed uint8 [(n+1)//2, 1], absmax float32 [blocks]) of w, bitsandbytes' NF4 bytes."""
+    check_blocksize(blocksize)
+    x = w.reshape(-1).float()
+    _check_finite(x, "w")
+    n = x.numel()
+    full = n - n % blocksize
+    bounds = (nf4_code(x.device)[:-1] + nf4_code(x.device)[1:]) / 2
+    xc = x[:full].reshape(-1, blocksize)
+    absmax = xc.abs().amax(dim=1) if full else x.new_empty(0)
+    scaled = torch.clamp(xc * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+    if full < n:
+        am = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(x[full:] / am, -1, 1)])
+    if n % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    q = (bounds.unsqueeze(0) < scaled.unsqueeze(1)).sum(1).to(torch.uint8)
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, shape, dtype: torch.dtype) -> Tensor:
+    """code[q] * absmax in float32, cast to dtype, reshaped to shape."""
+    check_blocksize(blocksize)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    p = packed.reshape(-1)
+    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (nf4_code(p.device)[q] * scale).to(dtype).reshape(tuple(shape))
+
+
+def blockwise8_lut(code: Tensor) -> Tensor:
+    """bitsandbytes' 65536-entry quantisation lookup table of a sorted 256-entry code (uint8)."""
+    c = code.float().cpu()
+    mid = 0.5 * (c[:-1] + c[1:])
+    val = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    # leading run of midpoints below val (= all of them below it for a sorted code)
+    below = (mid.unsqueeze(0) < val.unsqueeze(1)).to(torch.int32)
+    run = torch.cumprod(below, dim=1).sum(1)
+    return run.to(torch.uint8)
+
+
+def blockwise8_quantize(x: Tensor, code: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
+    """(q uint8 shaped like x, absmax float32 [blocks]): bitsandbytes' CPU 8-bit blockwise quantiser."""
+    check_blocksize(blocksize)
+    xf = x.reshape(-1).float()
+    _check_finite(xf, "x")
+    lut = blockwise8_lut(code).to(xf.device)
+    q = torch.zeros(xf.numel(), dtype=torch.uint8, device=xf.device)
+    absmax = []
+    for start, stop in _blocks(xf, blocksize):
+        blk = xf[start:stop]
+        am = blk.abs().max()
+        absmax.append(am)
+        if am.item() == 0.0:
+            continue
+        v = torch.clamp(blk * (1.0 / am), -1, 1)
+        t = ((v + 1.0) * 0.5) * 65535.0 + 0.5
+        q[start:stop] = lut[t.to(torch.int64)]
+    absmax_t = torch.stack(absmax) if absmax else xf.new_empty(0)
+    return q.reshape(x.shape), absmax_t
+
+
+def blockwise8_dequantize(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """code[q] * absmax in float32, cast to dtype, shaped like q."""
+    check_blocksize(blocksize)
+    flat = q.reshape(-1).long()
+    scale = absmax.float().repeat_interleave(blocksize)[: flat.numel()]
+    return (code.float()[flat] * scale).to(dtype).reshape(q.shape)

@@ -1,0 +1,130 @@
+// Shared by the nf4-family kernels (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu): the NF4 codebook, the
+// decision bounds, argument checks and the host-side 8-bit lookup table. The formats are
+// bitsandbytes 0.50.2's, byte for byte (see python/fastpeft/reference.py for the spec):
+//
+//   nf4_quantize: x = w.flatten() in fp32; per block of `blocksize` elements
+//     full block:    absmax = max|x|;           s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)
+//     partial block: absmax = max(max|x|, 1e-38); s = clamp(x / absmax, -1, 1)
+//     code = #{ i : bound[i] < s } with bound[i] = (NF4[i] + NF4[i+1]) / 2 in fp32, so an exact
+//     tie goes to the lower code; two codes per byte, even element in the HIGH nibble; an odd
+//     element count is padded with the code of 0.0 (7).
+//   blockwise8_quantize (bitsandbytes' CPU quantizer, used for the double-quant statistics):
+//     absmax = max|x| per block (no clamp); a block with absmax 0 is all code 0; otherwise
+//     v = clamp(x * (1 / absmax), -1, 1), t = ((v + 1) * 0.5) * 65535 + 0.5 (fp32, no FMA),
+//     q = lut[trunc(t)] with lut[i] = #{leading midpoints m_j = 0.5 * (c_j + c_{j+1}) < -1 + 2i/65535}.
+//   Dequantisation: code[q] * absmax in fp32, then one rounding to the output dtype.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace fastpeft {
+namespace nf4 {
+
+// bitsandbytes' get_4bit_type("nf4") (already normalised; the values are exact fp32 constants).
+constexpr float kCode[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+// (kCode[i] + kCode[i + 1]) / 2 rounded to fp32, as torch computes the bucketize bounds.
+struct Bounds {
+  float v[15];
+};
+inline const Bounds& bounds() {
+  static const Bounds b = [] {
+    Bounds r{};
+    for (int i = 0; i < 15; ++i) {
+      volatile float s = kCode[i] + kCode[i + 1];  // one fp32 rounding, then an exact halving
+      r.v[i] = s / 2.0f;
+    }
+    return r;
+  }();
+  return b;
+}
+
+constexpr float kTinyAbsmax = 1e-38f;  // bitsandbytes' clamp(min=1e-38)
+constexpr int kLutSize = 65536;
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kInfBits = 0x7F800000u;  // |x| bits >= this: inf or NaN
+
+inline void check_blocksize(int64_t blocksize) {
+  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+              "fastpeft: 'blocksize' must be a power of two in [32, 4096], got ", blocksize);
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, "fastpeft: '", name,
+              "' must be float32, bfloat16 or float16, got ", s);
+}
+
+inline void check_out_dtype(at::ScalarType s) {
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
+              "fastpeft: 'dtype' must be float32, bfloat16 or float16, got ", s);
+}
+
+inline void check_code8(const at::Tensor& code) {
+  TORCH_CHECK(code.scalar_type() == at::kFloat, "fastpeft: 'code' must be float32, got ", code.scalar_type());
+  TORCH_CHECK(code.dim() == 1 && code.numel() == 256, "fastpeft: 'code' must have 256 elements (shape [256]), got shape ",
+              code.sizes());
+}
+
+inline void check_uint8(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kByte, "fastpeft: '", name, "' must be uint8, got ", t.scalar_type());
+}
+
+inline void check_absmax(const at::Tensor& absmax, int64_t n, int64_t blocksize) {
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "fastpeft: 'absmax' must be float32, got ", absmax.scalar_type());
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == blocks, "fastpeft: 'absmax' has ", absmax.numel(), " elements but ", n,
+              " values in blocks of ", blocksize, " need ", blocks);
+}
+
+inline int64_t shape_numel(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    TORCH_CHECK(d >= 0, "fastpeft: 'shape' must not have negative sizes, got ", shape);
+    n *= d;
+  }
+  return n;
+}
+
+// bitsandbytes' build_quantize_lut: lut[i] = index of the first midpoint >= val_i, scanning the
+// midpoints in order (the codebook is assumed sorted, as bitsandbytes does).
+inline std::vector<uint8_t> build_lut8(const float* code) {
+  float mid[255];
+  for (int i = 0; i < 255; ++i) {
+    volatile float s = code[i] + code[i + 1];
+    mid[i] = 0.5f * s;
+  }
+  std::vector<uint8_t> lut(kLutSize);
+  int idx = 0;
+  for (int i = 0; i < kLutSize; ++i) {
+    volatile float q = (2.0f * static_cast<float>(i)) / static_cast<float>(kLutSize - 1);
+    const float val = -1.0f + q;
+    while (idx < 255 && mid[idx] < val) ++idx;
+    lut[i] = static_cast<uint8_t>(idx);
+  }
+  return lut;
+}
+
+}  // namespace nf4
+}  // namespace fastpeft
