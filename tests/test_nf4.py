@@ -205,6 +205,28 @@ def test_dequantize_is_fp32_then_cast(shape):
     assert torch.equal(f32, ref.nf4_dequantize(packed, absmax, 64, shape, torch.float32))
 
 
+def test_portable_dequantize_loops_match():
+    # The AVX-512 dequantiser is chosen at run time; FASTPEFT_NF4_GENERIC=1 forces the portable
+    # loops, which must give the same values.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from fastpeft import ops, reference as ref\n"
+        "for shape, bs in [((33, 65), 64), ((16, 128), 32), ((3, 1001), 4096), ((64, 64), 256)]:\n"
+        "    w = torch.randn(shape)\n"
+        "    p, a = ops.nf4_quantize(w, bs)\n"
+        "    for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "        assert torch.equal(ops.nf4_dequantize(p, a, bs, shape, dt), ref.nf4_dequantize(p, a, bs, shape, dt))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FASTPEFT_NF4_GENERIC="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
