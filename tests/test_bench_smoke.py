@@ -85,3 +85,21 @@ def test_lora_suite_quick_tiny(tmp_path):
 def test_cli_list(capsys):
     assert run.main(["--list"]) == 0
     assert "lora" in capsys.readouterr().out
+
+
+def test_nf4_suite_quick_tiny(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32, torch.bfloat16], quick=True, warmup=1, repeats=2, min_sample_ms=0.5,
+        verbose=False, options={"out": 64, "in": 128, "tokens": 8},
+    )
+    run.load_suites()
+    assert "nf4" in common.SUITES
+    res = run.run_suite("nf4", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    data = json.loads((tmp_path / "nf4-cpu.json").read_text())
+    rows = data["tables"][0]["rows"]
+    assert {(r["op"], r["dtype"]) for r in rows} == {
+        (op, dt) for op in ("quantize", "dequantize", "linear fwd") for dt in ("fp32", "bf16")
+    }
+    assert all(r["fastpeft ms"] > 0 and r["bnb ms"] > 0 for r in rows)

@@ -109,6 +109,51 @@ def test_all_zero_blocks():
     assert_same_as_bnb(torch.ones(256), 64, True)  # every absmax equals the mean: nested codes of 0
 
 
+def test_extreme_magnitudes():
+    # denormal and tiny blocks (the 1e-38 clamp of the reciprocal), huge values, mixed scales
+    for scale in (1e-45, 1e-40, 1e-38, 1e-30, 1e30, 1e37, 3e38):
+        for n in (64, 100):
+            for dq in (False, True) if scale < 1e38 else (False,):
+                assert_same_as_bnb(weight((n,), torch.float32, seed=n, scale=1.0).clamp(-1, 1) * scale, 64, dq)
+    with pytest.raises(ValueError, match="double_quant=False"):  # the absmax mean overflows float32
+        quantize_nf4(torch.full((256,), 3e38), 64, True)
+    w = weight((8, 64), torch.float32)
+    w[0] *= 1e-39
+    w[3] *= 1e20
+    w[5, 7] = 3.0e38
+    for dq in (False, True):
+        assert_same_as_bnb(w.flatten(), 64, dq)
+        assert_same_as_bnb(w.flatten()[:-3], 32, dq)
+
+
+def test_fuzz_against_bnb():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(
+        n=st.integers(1, 3000),
+        bs=st.sampled_from(BLOCKSIZES),
+        dtype=st.sampled_from(DTYPES),
+        dq=st.booleans(),
+        log_scale=st.floats(-8, 8),
+        zero_frac=st.sampled_from([0.0, 0.3]),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def check(n, bs, dtype, dq, log_scale, zero_frac, seed):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, generator=g) * 10.0**log_scale
+        if zero_frac:
+            w[torch.rand(n, generator=g) < zero_frac] = 0.0
+        w = w.to(dtype)
+        hypothesis.assume(bool(torch.isfinite(w).all()))
+        packed, state, bq, bs_state = assert_same_as_bnb(w, bs, dq)
+        assert torch.equal(dequantize_nf4(packed, state), ref.nf4_dequantize(
+            packed, state.float_absmax(), bs, (n,), dtype))
+
+    check()
+
+
 def test_non_contiguous_inputs():
     base = weight((96, 130), torch.float32, seed=5)
     for view in (base.t(), base[:, ::2], base[::3], base.t()[::2, 1:]):
