@@ -7,8 +7,9 @@
 //   - dequantise kernels: grid-stride, one thread per byte (NF4) or element (8-bit).
 // The project compiles CUDA with --use_fast_math, so every rounding that must match the CPU is
 // written with the IEEE round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fdiv_rn): no FMA
-// contraction, no approximate division. (Fast math also flushes fp32 denormals, so weights below
-// 1.2e-38 in magnitude may quantise differently from the CPU.)
+// contraction, no approximate division. This file is built with --ftz=false (CMakeLists.txt):
+// subnormals matter here (the clamp value 1e-38 itself is subnormal; an all-zero block is scaled
+// by 1 / 1e-38), and flush-to-zero would turn that into 0 * inf.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
