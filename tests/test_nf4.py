@@ -473,6 +473,23 @@ def test_linear_module_behaviour():
     assert isinstance(NF4QuantState.from_dict(layer.quant_state.as_dict(packed=True)), NF4QuantState)
 
 
+def test_linear_on_meta_device_has_the_real_layout():
+    meta = LinearNF4(100, 8, device="meta")
+    real = LinearNF4(100, 8)
+    sm, sr = meta.state_dict(), real.state_dict()
+    assert list(sm) == list(sr)
+    for k in sr:
+        assert sm[k].is_meta or k.endswith("bitsandbytes__nf4"), k
+        if not k.endswith("bitsandbytes__nf4"):
+            assert sm[k].shape == sr[k].shape and sm[k].dtype == sr[k].dtype, k
+    # materialise a meta layer from a real state dict (as transformers/accelerate do)
+    src = LinearNF4.from_linear(linear(100, 8))
+    meta.load_state_dict(src.state_dict(), assign=True)
+    assert not meta.weight.is_meta and not meta.quant_state.absmax.is_meta
+    x = torch.randn(3, 100)
+    assert torch.equal(meta(x), src(x))
+
+
 def test_linear_state_dict_safetensors_roundtrip(tmp_path):
     from safetensors.torch import load_file, save_file
 

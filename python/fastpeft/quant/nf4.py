@@ -115,7 +115,8 @@ class NF4QuantState:
                     "nested_blocksize": self.nested_blocksize,
                     "nested_quant_map": self.nested_code.clone(),
                     "nested_dtype": _dtype_name(self.nested_dtype),
-                    "nested_offset": self.offset.item(),
+                    # a meta-device state (structure only) has no value to write
+                    "nested_offset": self.offset.item() if self.offset.device.type != "meta" else 0.0,
                 }
             )
         if not packed:
@@ -171,7 +172,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> T
     state = NF4QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code)
     if double_quant:
         offset = absmax.mean()
-        if not bool(torch.isfinite(offset)):
+        if offset.device.type != "meta" and not bool(torch.isfinite(offset)):
             raise ValueError(
                 "double quantisation overflowed: the mean of the per-block absmax values is not finite in "
                 "float32 (weights near the float32 limit); quantise with double_quant=False"
@@ -277,7 +278,9 @@ class LinearNF4(nn.Module):
         rest = {k: v for k, v in state_dict.items() if not k.startswith(qs_prefix)}
         if qs:
             try:
-                state = NF4QuantState.from_dict(qs, device=self.weight.device)
+                # a meta-device layer (load_state_dict(..., assign=True)) takes the incoming device
+                device = None if self.weight.is_meta else self.weight.device
+                state = NF4QuantState.from_dict(qs, device=device)
             except (ValueError, KeyError) as exc:
                 error_msgs.append(f"while loading the NF4 quant state of '{prefix}weight': {exc}")
                 return
