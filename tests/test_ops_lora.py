@@ -200,9 +200,11 @@ def test_parallel_paths(threads):
     # More rows than one CPU chunk, more columns than one multiplier block, odd sizes; the kernels
     # run with one and two intra-op threads, the reference with one.
     # (500, 1100, 70): several dropout chunks (CPU chunks: 238 rows for the rank-r GEMMs, 476 for
-    # DoRA's base GEMM); (500, 16, 9000): several DoRA no-dropout chunks (466 rows).
+    # DoRA's base GEMM) and two row blocks of the dropout-free fused drivers (476 rows for fp32);
+    # (500, 16, 9000): four fused row blocks (128 rows), also with a strided x / transposed weight.
     cases = [((500, 1100, 70, 5), p, nc) for p, nc in ((0.0, False), (0.2, False), (0.2, True))]
     cases.append(((500, 16, 9000, 3), 0.0, False))
+    cases.append(((300, 16, 9000, 2), 0.0, True))
     for shape, p, noncontig in cases:
         x, w, b, a, bb, m = make(*shape, noncontig=noncontig)
         g = torch.randn(shape[0], shape[2])

@@ -7,11 +7,15 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _quick_start_code() -> str:
-    section = README.read_text().split("## Quick start", 1)[1]
+def _code_under(heading: str) -> str:
+    section = README.read_text().split(heading, 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README's quick start has no python block"
+    assert match, f"README's section {heading!r} has no python block"
     return match.group(1)
+
+
+def test_readme_nf4_example_runs():
+    exec(compile(_code_under("## NF4 weights"), "README.md:nf4", "exec"), {})
 
 
 def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
@@ -22,7 +26,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     ns: dict = {}
-    exec(compile(_quick_start_code(), "README.md:quick-start", "exec"), ns)
+    exec(compile(_code_under("## Quick start"), "README.md:quick-start", "exec"), ns)
     assert "trainable params" in capsys.readouterr().out
     assert (tmp_path / "my-adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()

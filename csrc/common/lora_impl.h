@@ -8,6 +8,14 @@
 //   using Guard;                         // device guard constructed from an at::Device
 //   int64_t chunk_rows(int64_t cols, ChunkKind kind);
 //                                        // rows per chunk of a [rows, cols] scratch buffer
+//   FusedPlan fused_plan(int64_t in, int64_t out, at::ScalarType t);
+//                                        // row blocking / GEMM order of the dropout-free drivers
+//   at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts);
+//                                        // an uninitialised contiguous [rows, cols] work buffer,
+//                                        // valid until the next scratch() call with the same slot
+//                                        // on this thread (the CPU backend reuses one allocation
+//                                        // per slot and thread, up to 8 MiB: a fresh multi-MiB
+//                                        // buffer costs ~0.5 ms per MiB in first-touch page faults)
 //   void dropout_rows(x, r0, drop, out); // out[i, c] = x[r0 + i, c] * mult(r0 + i, c)
 //   void dropout_bwd_fused(x, r0, drop, t, gx);
 //                                        // gx[i, c] += t[i, c] * mult;  t[i, c] = x[r0+i, c] * mult
@@ -44,6 +52,21 @@ namespace fastpeft {
 // cache-sized; kBaseGemm - a base-sized GEMM (drop(x) W^T), large enough for the GEMM to run at
 // full rate; kNoDropout - a gradient-sized temporary with no dropout in it (DoRA's g * m/n).
 enum class ChunkKind { kSmallGemm, kBaseGemm, kNoDropout };
+
+// How the dropout-free drivers run: in row blocks of `rows` (the base GEMM and every rank-r GEMM
+// and epilogue on one block before the next, so the block's rows of x / grad_y / y / grad_x are
+// re-read from cache rather than memory), and with `fold` either writing the rank-r term first and
+// letting the base GEMM accumulate onto it (beta = 1), or base GEMM first and a beta = 1 rank-r
+// GEMM after it.
+// With `bias_in_gemm`, LoRA's forward appends the bias to the rank-r GEMM as one more inner-dimension
+// term (and then folds) instead of broadcasting it into y. With `transposed_rank`, the [rows, r]
+// products x A^T and g B are formed as their [r, rows] transposes A x^T and B^T g^T.
+struct FusedPlan {
+  int64_t rows;
+  bool fold;
+  bool bias_in_gemm;
+  bool transposed_rank;
+};
 
 // What a kernel needs to regenerate the dropout multipliers.
 struct DropoutSpec {
@@ -131,6 +154,24 @@ inline void accumulate_tn(at::Tensor& acc, const at::Tensor& a, const at::Tensor
   }
 }
 
+// out = alpha a b, written without reading out (beta = 0: out may be uninitialised).
+inline void mm_alpha_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0.0, alpha);
+  }
+}
+
+// acc += alpha a^T b, acc in the op-math type (see accumulate_tn).
+inline void accumulate_tn_alpha(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a.t(), b, 1.0, alpha);
+  } else {
+    acc.add_(at::mm(a.t(), b), alpha);
+  }
+}
+
 template <class BK>
 at::Tensor seeded_dropout_impl(const at::Tensor& x, double p, const at::Tensor& seed) {
   check_dim(x, 2, "x");
@@ -159,17 +200,70 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_impl(const at::Tensor& x, const 
   const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
   at::Tensor y = at::empty({n, out}, x.options());
   at::Tensor u = at::empty({n, r}, x.options());
-  if (bias.has_value() && bias->defined()) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (n == 0) return {y, u};
+  // B^T as a contiguous [r, out]: the rank-r update GEMM runs ~25% faster than on the B.t() view.
+  const at::Tensor Bt = lora_B.t().contiguous();
+  if (!d.active) {
+    // Per row block: u = x A^T;  y = b + s u B^T (a write);  y += x W^T (the base GEMM, beta = 1).
+    // The bias / rank-r terms take the place of the bias broadcast the base addmm does anyway, and
+    // the block's x and y are still in cache for the second GEMM that touches them.
+    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+    const bool bias_k = has_bias && plan.bias_in_gemm;
+    const bool fold = plan.fold || bias_k;
+    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+    at::Tensor uT = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::Tensor();
+    at::Tensor U1, Bt1;
+    if (bias_k) {
+      // [u | 1] [n, r + 1] (the u GEMM writes its first r columns) times [s B^T ; b] [r + 1, out]:
+      // one GEMM writes b + s u B^T, with no broadcast copy of b (which addmm makes, a full pass).
+      U1 = at::empty({n, r + 1}, x.options());
+      U1.select(1, r).fill_(1);
+      Bt1 = at::empty({r + 1, out}, x.options());
+      Bt1.narrow(0, 0, r).copy_(lora_B.t().to(opmath_of(x.scalar_type())).mul(scaling));
+      Bt1.select(0, r).copy_(*bias);
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      const at::Tensor xb = x.narrow(0, r0, rows);
+      at::Tensor ub = bias_k ? U1.narrow(0, r0, rows).narrow(1, 0, r) : u.narrow(0, r0, rows);
+      at::Tensor yb = y.narrow(0, r0, rows);
+      if (plan.transposed_rank) {
+        at::Tensor uTb = uT.narrow(1, r0, rows);
+        at::mm_out(uTb, lora_A, xb.t());
+        ub.copy_(uTb.t());
+      } else {
+        at::mm_out(ub, xb, lora_A.t());
+      }
+      if (fold) {
+        if (bias_k) {
+          at::mm_out(yb, U1.narrow(0, r0, rows), Bt1);
+        } else if (has_bias) {
+          at::addmm_out(yb, *bias, ub, Bt, 1.0, scaling);
+        } else {
+          mm_alpha_out(yb, ub, Bt, scaling);
+        }
+        yb.addmm_(xb, weight.t());
+      } else {
+        if (has_bias) {
+          at::addmm_out(yb, *bias, xb, weight.t());
+        } else {
+          at::mm_out(yb, xb, weight.t());
+        }
+        yb.addmm_(ub, Bt, 1.0, scaling);
+      }
+    }
+    if (bias_k) u.copy_(U1.narrow(1, 0, r));
+    return {y, u};
+  }
+  if (has_bias) {
     at::addmm_out(y, *bias, x, weight.t());
   } else {
     at::mm_out(y, x, weight.t());
   }
-  if (n == 0) return {y, u};
-  if (!d.active) {
-    at::mm_out(u, x, lora_A.t());
-  } else {
+  {
     const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
-    at::Tensor buf = at::empty({ch, in}, x.options());
+    at::Tensor buf = BK::scratch(0, ch, in, x.options());
     for (int64_t r0 = 0; r0 < n; r0 += ch) {
       const int64_t rows = std::min(ch, n - r0);
       at::Tensor xd = buf.narrow(0, 0, rows);
@@ -178,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_impl(const at::Tensor& x, const 
       at::mm_out(uc, xd, lora_A.t());
     }
   }
-  y.addmm_(u, lora_B.t(), 1.0, scaling);
+  y.addmm_(u, Bt, 1.0, scaling);
   return {y, u};
 }
 
@@ -193,28 +287,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_impl(
   check_rows(u, n, r, x, "u", "the rank (lora_A.size(0))");
   const DropoutSpec d = make_dropout(dropout_p, seed);
   typename BK::Guard guard(x.device());
+  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
+  if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), at::zeros({out, r}, x.options())};
 
-  // gu = s g B [N, r];  grad_B = s g^T u [out, r].
+  if (!d.active) {
+    // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  grad_x_b = gu_b A (a write);
+    // grad_x_b += g_b W (the base GEMM, beta = 1);  grad_A += gu_b^T x_b. Each block's g, x and
+    // grad_x rows are re-read from cache. (u^T g)^T: MKL runs this orientation about 2x faster
+    // than g^T u for fp32.
+    const at::ScalarType op = opmath_of(x.scalar_type());
+    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+    at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
+    const at::Tensor Bt = plan.transposed_rank ? lora_B.t().contiguous() : at::Tensor();
+    at::Tensor accBt = at::zeros({r, out}, x.options().dtype(op));
+    at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
+    const bool fold = plan.fold;
+    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      const at::Tensor gb = grad_y.narrow(0, r0, rows);
+      const at::Tensor xb = x.narrow(0, r0, rows);
+      at::Tensor gub;
+      if (plan.transposed_rank) {
+        at::Tensor guTb = gu.narrow(1, r0, rows);
+        mm_alpha_out(guTb, Bt, gb.t(), scaling);
+        gub = guTb.t();
+      } else {
+        gub = gu.narrow(0, r0, rows);
+        mm_alpha_out(gub, gb, lora_B, scaling);
+      }
+      accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
+      if (need_grad_x) {
+        at::Tensor gxb = grad_x.narrow(0, r0, rows);
+        if (fold) {
+          at::mm_out(gxb, gub, lora_A);
+          gxb.addmm_(gb, weight);
+        } else {
+          at::mm_out(gxb, gb, weight);
+          gxb.addmm_(gub, lora_A);
+        }
+      }
+      accumulate_tn(accA, gub, xb);
+    }
+    return {grad_x, accA.to(x.scalar_type()), accBt.t().to(x.scalar_type()).contiguous()};
+  }
+
+  // gu = s g B [N, r];  grad_B = s g^T u [out, r] as (u^T g)^T (see above).
   at::Tensor gu = at::mm(grad_y, lora_B);
   gu.mul_(scaling);
-  // (u^T g)^T: MKL runs this orientation about 2x faster than g^T u for fp32.
   at::Tensor grad_B = at::mm(u.t(), grad_y);
   grad_B.mul_(scaling);
   grad_B = grad_B.t().contiguous();
-  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
-  if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), grad_B};
-
-  if (!d.active) {
-    if (need_grad_x) {
-      at::mm_out(grad_x, grad_y, weight);
-      grad_x.addmm_(gu, lora_A);
-    }
-    return {grad_x, at::mm(gu.t(), x), grad_B};
-  }
   // grad_x = g W + mult (gu A);  grad_A = gu^T drop(x), both chunked over rows.
   if (need_grad_x) at::mm_out(grad_x, grad_y, weight);
   const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
-  at::Tensor buf = at::empty({ch, in}, x.options());
+  at::Tensor buf = BK::scratch(0, ch, in, x.options());
   at::Tensor acc = at::zeros({r, in}, x.options().dtype(opmath_of(x.scalar_type())));
   for (int64_t r0 = 0; r0 < n; r0 += ch) {
     const int64_t rows = std::min(ch, n - r0);
@@ -256,10 +383,15 @@ at::Tensor dora_weight_norm_impl(const at::Tensor& weight, const at::Tensor& lor
   at::Tensor A = lora_A.to(op);
   at::Tensor B = lora_B.to(op);
   at::Tensor AAt = at::mm(A, A.t());  // [r, r]
+  // A reduced-precision W is converted chunk by chunk into one scratch buffer (not .to(op) per
+  // chunk: a fresh 4 MiB buffer costs more in page faults than the whole norm).
+  const bool convert = weight.scalar_type() != op;
   const int64_t ch = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(in, 1));
+  at::Tensor wbuf = convert ? BK::scratch(0, std::min(ch, out), in, weight.options().dtype(op)) : at::Tensor();
   for (int64_t o0 = 0; o0 < out; o0 += ch) {
     const int64_t rows = std::min(ch, out - o0);
-    at::Tensor W = weight.narrow(0, o0, rows).to(op);
+    at::Tensor W = weight.narrow(0, o0, rows);
+    if (convert) W = wbuf.narrow(0, 0, rows).copy_(W);
     at::Tensor Bc = B.narrow(0, o0, rows);
     at::Tensor sq = at::linalg_vector_norm(W, 2, at::IntArrayRef{1}, false, std::nullopt);
     sq.mul_(sq);
@@ -288,12 +420,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
   at::Tensor u = at::empty({n, r}, x.options());
   at::Tensor z = at::empty({n, out}, x.options());
   if (n == 0) return {y, u, z};
+  const at::Tensor Bt = lora_B.t().contiguous();  // [r, out] (see lora_forward_impl)
   if (!d.active) {
-    // z = x W^T + s u B^T;  y = (m/n) z + b: one base GEMM.
-    at::mm_out(u, x, lora_A.t());
-    at::mm_out(z, x, weight.t());
-    z.addmm_(u, lora_B.t(), 1.0, scaling);
-    BK::dora_epilogue(z, mn, has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, y);
+    // z = x W^T + s u B^T;  y = (m/n) z + b: one base GEMM. Per row block: u = x A^T;
+    // z = s u B^T (a write);  z += x W^T (beta = 1);  y = (m/n) z + b while z's rows are in cache.
+    const std::optional<at::Tensor> b = has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+    const bool fold = plan.fold;
+    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+    at::Tensor uT = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::Tensor();
+    for (int64_t r0 = 0; r0 < n; r0 += ch) {
+      const int64_t rows = std::min(ch, n - r0);
+      const at::Tensor xb = x.narrow(0, r0, rows);
+      at::Tensor ub = u.narrow(0, r0, rows);
+      at::Tensor zb = z.narrow(0, r0, rows);
+      at::Tensor yb = y.narrow(0, r0, rows);
+      if (plan.transposed_rank) {
+        at::Tensor uTb = uT.narrow(1, r0, rows);
+        at::mm_out(uTb, lora_A, xb.t());
+        ub.copy_(uTb.t());
+      } else {
+        at::mm_out(ub, xb, lora_A.t());
+      }
+      if (fold) {
+        mm_alpha_out(zb, ub, Bt, scaling);
+        zb.addmm_(xb, weight.t());
+      } else {
+        at::mm_out(zb, xb, weight.t());
+        zb.addmm_(ub, Bt, 1.0, scaling);
+      }
+      BK::dora_epilogue(zb, mn, b, yb);
+    }
     return {y, u, z};
   }
   // y = x W^T + b + (m/n - 1) xd W^T + (m/n) s u B^T with xd = drop(x) (peft's math: two base GEMMs).
@@ -303,8 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
     at::mm_out(y, x, weight.t());
   }
   const int64_t ch = std::min(n, BK::chunk_rows(std::max(in, out), ChunkKind::kBaseGemm));
-  at::Tensor xbuf = at::empty({ch, in}, x.options());
-  at::Tensor qbuf = at::empty({ch, out}, x.options());
+  at::Tensor xbuf = BK::scratch(0, ch, in, x.options());
+  at::Tensor qbuf = BK::scratch(1, ch, out, x.options());
   for (int64_t r0 = 0; r0 < n; r0 += ch) {
     const int64_t rows = std::min(ch, n - r0);
     at::Tensor xd = xbuf.narrow(0, 0, rows);
@@ -314,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
     at::Tensor zc = z.narrow(0, r0, rows);
     at::mm_out(zc, xd, weight.t());
     at::Tensor qc = qbuf.narrow(0, 0, rows);
-    at::mm_out(qc, uc, lora_B.t());
+    at::mm_out(qc, uc, Bt);
     at::Tensor yc = y.narrow(0, r0, rows);
     BK::dora_epilogue_dropout(zc, qc, mn, scaling, yc);
   }
@@ -344,36 +501,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_impl(
 
   // gz = g (m/n):  gu = s gz B = s g (diag(m/n) B);  grad_B = s gz^T u = s diag(m/n) g^T u.
   at::Tensor Bm = lora_B.to(op).mul(mn_col).to(x.scalar_type());
-  at::Tensor gu = at::mm(g, Bm);
-  gu.mul_(scaling);
-  at::Tensor grad_B =
-      at::mm(u.t(), g).t().to(op).mul_(mn_col).mul_(scaling).to(x.scalar_type()).contiguous();
   at::Tensor acc = at::zeros({out}, x.options().dtype(op));
   at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
   if (n == 0) {
-    return {grad_x, at::zeros({r, in}, x.options()), grad_B, at::zeros({out}, magnitude.options())};
+    return {grad_x, at::zeros({r, in}, x.options()), at::zeros({out, r}, x.options()),
+            at::zeros({out}, magnitude.options())};
   }
-  const int64_t ch = std::min(
-      n, BK::chunk_rows(std::max(in, out), d.active ? ChunkKind::kBaseGemm : ChunkKind::kNoDropout));
-  at::Tensor hbuf = at::empty({ch, out}, x.options());
-  at::Tensor grad_A;
+  at::Tensor grad_A, grad_B;
   if (!d.active) {
-    // grad_x = gz W + gu A; grad_m = sum g z / n, fused with forming gz per chunk.
+    // grad_x = gz W + gu A; grad_m = sum g z / n. Per row block b: h = g_b (m/n) with the grad_m
+    // column sums; gu_b = s g_b Bm;  (g^T u)^T += u_b^T g_b;  grad_x_b = gu_b A (a write);
+    // grad_x_b += h W (beta = 1);  grad_A += gu_b^T x_b, so each block's rows stay in cache.
+    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+    const bool fold = plan.fold;
+    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+    at::Tensor hbuf = BK::scratch(0, ch, out, x.options());
+    at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
+    const at::Tensor Bmt = plan.transposed_rank ? Bm.t().contiguous() : at::Tensor();
+    at::Tensor accBt = at::zeros({r, out}, x.options().dtype(op));
+    at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
     for (int64_t r0 = 0; r0 < n; r0 += ch) {
       const int64_t rows = std::min(ch, n - r0);
+      const at::Tensor gb = g.narrow(0, r0, rows);
       at::Tensor h = hbuf.narrow(0, 0, rows);
-      BK::dora_grad_rows(g.narrow(0, r0, rows), z.narrow(0, r0, rows), mn, 0.0, acc, h);
+      BK::dora_grad_rows(gb, z.narrow(0, r0, rows), mn, 0.0, acc, h);
+      at::Tensor gub;
+      if (plan.transposed_rank) {
+        at::Tensor guTb = gu.narrow(1, r0, rows);
+        mm_alpha_out(guTb, Bmt, gb.t(), scaling);
+        gub = guTb.t();
+      } else {
+        gub = gu.narrow(0, r0, rows);
+        mm_alpha_out(gub, gb, Bm, scaling);
+      }
+      accumulate_tn(accBt, u.narrow(0, r0, rows), gb);
       if (need_grad_x) {
         at::Tensor gxc = grad_x.narrow(0, r0, rows);
-        at::mm_out(gxc, h, weight);
-        gxc.addmm_(gu.narrow(0, r0, rows), lora_A);
+        if (fold) {
+          at::mm_out(gxc, gub, lora_A);
+          gxc.addmm_(h, weight);
+        } else {
+          at::mm_out(gxc, h, weight);
+          gxc.addmm_(gub, lora_A);
+        }
       }
+      accumulate_tn(accA, gub, x.narrow(0, r0, rows));
     }
-    grad_A = at::mm(gu.t(), x);
+    grad_B = accBt.t().mul(mn_col).mul_(scaling).to(x.scalar_type()).contiguous();
+    grad_A = accA.to(x.scalar_type());
   } else {
+    at::Tensor gu = at::mm(g, Bm);
+    gu.mul_(scaling);
+    grad_B = at::mm(u.t(), g).t().to(op).mul_(mn_col).mul_(scaling).to(x.scalar_type()).contiguous();
+    const int64_t ch = std::min(n, BK::chunk_rows(std::max(in, out), ChunkKind::kBaseGemm));
+    at::Tensor hbuf = BK::scratch(0, ch, out, x.options());
     // grad_x = g W + mult ((g (m/n - 1)) W + gu A);  grad_A = gu^T drop(x).
     if (need_grad_x) at::mm_out(grad_x, g, weight);
-    at::Tensor tbuf = at::empty({ch, in}, x.options());
+    at::Tensor tbuf = BK::scratch(1, ch, in, x.options());
     at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
     for (int64_t r0 = 0; r0 < n; r0 += ch) {
       const int64_t rows = std::min(ch, n - r0);

@@ -159,6 +159,18 @@ struct CudaBackend {
     return std::clamp<int64_t>(budget / std::max<int64_t>(cols, 1), 128, 32768);
   }
 
+  // Blocks as large as kNoDropout's chunks (they bound DoRA's [rows, out] scratch), folded: cuBLAS
+  // applies beta = 1 in the GEMM epilogue, so the rank-r term is written first and the base GEMM
+  // accumulates onto it; the bias goes through addmm (a memory-bound pass is cheap on the GPU).
+  static FusedPlan fused_plan(int64_t in, int64_t out, at::ScalarType) {
+    return {chunk_rows(std::max(in, out), ChunkKind::kNoDropout), true, false, false};
+  }
+
+  // The CUDA caching allocator already reuses blocks.
+  static at::Tensor scratch(int, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+    return at::empty({rows, cols}, opts);
+  }
+
   static void dropout_rows(const at::Tensor& x, int64_t r0, const DropoutSpec& d, at::Tensor& out) {
     const int64_t rows = out.size(0), cols = x.size(1);
     if (rows == 0 || cols == 0) return;
