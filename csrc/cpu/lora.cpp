@@ -217,8 +217,11 @@ struct CpuBackend {
   // (for fp32 MKL it is the other way round).
   static FusedPlan fused_plan(int64_t in, int64_t out, at::ScalarType t) {
     if (t == at::kFloat || t == at::kDouble) {
+      // ~2 MiB of rows per thread: each multi-threaded GEMM call then hands every thread a
+      // 1-thread-sized block (fixed 2 MiB blocks at 2 threads measured 12% over base, not ~3%).
       const int64_t bytes = std::max<int64_t>(std::max(in, out), 1) * (t == at::kDouble ? 8 : 4);
-      return {std::max<int64_t>((int64_t{1} << 21) / bytes, 128), true, true, false};
+      const int64_t per_thread = std::max<int64_t>((int64_t{1} << 21) / bytes, 128);
+      return {per_thread * std::max(1, at::get_num_threads()), true, true, false};
     }
     return {std::numeric_limits<int64_t>::max(), false, true, t == at::kBFloat16};
   }
