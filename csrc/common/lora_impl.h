@@ -91,6 +91,14 @@ inline DropoutSpec make_dropout(double p, const at::Tensor& seed) {
   return d;
 }
 
+// Rows per block for the LoRA drivers: the plan's, capped with dropout so that the block's drop(x)
+// scratch stays about two base-GEMM chunks in size.
+inline int64_t block_rows(const FusedPlan& plan, const DropoutSpec& d, int64_t n, int64_t base_chunk) {
+  int64_t rows = std::min(n, plan.rows);
+  if (d.active) rows = std::min(rows, 2 * base_chunk);
+  return std::max<int64_t>(1, rows);
+}
+
 inline at::ScalarType opmath_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -204,75 +212,62 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_impl(const at::Tensor& x, const 
   if (n == 0) return {y, u};
   // B^T as a contiguous [r, out]: the rank-r update GEMM runs ~25% faster than on the B.t() view.
   const at::Tensor Bt = lora_B.t().contiguous();
-  if (!d.active) {
-    // Per row block: u = x A^T;  y = b + s u B^T (a write);  y += x W^T (the base GEMM, beta = 1).
-    // The bias / rank-r terms take the place of the bias broadcast the base addmm does anyway, and
-    // the block's x and y are still in cache for the second GEMM that touches them.
-    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
-    const bool bias_k = has_bias && plan.bias_in_gemm;
-    const bool fold = plan.fold || bias_k;
-    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
-    at::Tensor uT = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::Tensor();
-    at::Tensor U1, Bt1;
-    if (bias_k) {
-      // [u | 1] [n, r + 1] (the u GEMM writes its first r columns) times [s B^T ; b] [r + 1, out]:
-      // one GEMM writes b + s u B^T, with no broadcast copy of b (which addmm makes, a full pass).
-      U1 = at::empty({n, r + 1}, x.options());
-      U1.select(1, r).fill_(1);
-      Bt1 = at::empty({r + 1, out}, x.options());
-      Bt1.narrow(0, 0, r).copy_(lora_B.t().to(opmath_of(x.scalar_type())).mul(scaling));
-      Bt1.select(0, r).copy_(*bias);
+  // Per row block: u = drop(x) A^T;  y = b + s u B^T (a write);  y += x W^T (the base GEMM, beta = 1).
+  // The bias / rank-r terms take the place of the bias broadcast the base addmm does anyway, and
+  // the block's x and y are still in cache for the second GEMM that touches them. With dropout the
+  // block's drop(x) rows are generated into a reused scratch buffer just before their GEMM.
+  const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+  const bool bias_k = has_bias && plan.bias_in_gemm;
+  const bool fold = plan.fold || bias_k;
+  const int64_t ch = block_rows(plan, d, n, BK::chunk_rows(in, ChunkKind::kBaseGemm));
+  at::Tensor xdrop = d.active ? BK::scratch(0, ch, in, x.options()) : at::Tensor();
+  at::Tensor uT = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::Tensor();
+  at::Tensor U1, Bt1;
+  if (bias_k) {
+    // [u | 1] [n, r + 1] (the u GEMM writes its first r columns) times [s B^T ; b] [r + 1, out]:
+    // one GEMM writes b + s u B^T, with no broadcast copy of b (which addmm makes, a full pass).
+    U1 = at::empty({n, r + 1}, x.options());
+    U1.select(1, r).fill_(1);
+    Bt1 = at::empty({r + 1, out}, x.options());
+    Bt1.narrow(0, 0, r).copy_(lora_B.t().to(opmath_of(x.scalar_type())).mul(scaling));
+    Bt1.select(0, r).copy_(*bias);
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += ch) {
+    const int64_t rows = std::min(ch, n - r0);
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    at::Tensor xa = xb;  // what lora_A sees: x, or drop(x)
+    if (d.active) {
+      xa = xdrop.narrow(0, 0, rows);
+      BK::dropout_rows(x, r0, d, xa);
     }
-    for (int64_t r0 = 0; r0 < n; r0 += ch) {
-      const int64_t rows = std::min(ch, n - r0);
-      const at::Tensor xb = x.narrow(0, r0, rows);
-      at::Tensor ub = bias_k ? U1.narrow(0, r0, rows).narrow(1, 0, r) : u.narrow(0, r0, rows);
-      at::Tensor yb = y.narrow(0, r0, rows);
-      if (plan.transposed_rank) {
-        at::Tensor uTb = uT.narrow(1, r0, rows);
-        at::mm_out(uTb, lora_A, xb.t());
-        ub.copy_(uTb.t());
+    at::Tensor ub = bias_k ? U1.narrow(0, r0, rows).narrow(1, 0, r) : u.narrow(0, r0, rows);
+    at::Tensor yb = y.narrow(0, r0, rows);
+    if (plan.transposed_rank) {
+      at::Tensor uTb = uT.narrow(1, r0, rows);
+      at::mm_out(uTb, lora_A, xa.t());
+      ub.copy_(uTb.t());
+    } else {
+      at::mm_out(ub, xa, lora_A.t());
+    }
+    if (fold) {
+      if (bias_k) {
+        at::mm_out(yb, U1.narrow(0, r0, rows), Bt1);
+      } else if (has_bias) {
+        at::addmm_out(yb, *bias, ub, Bt, 1.0, scaling);
       } else {
-        at::mm_out(ub, xb, lora_A.t());
+        mm_alpha_out(yb, ub, Bt, scaling);
       }
-      if (fold) {
-        if (bias_k) {
-          at::mm_out(yb, U1.narrow(0, r0, rows), Bt1);
-        } else if (has_bias) {
-          at::addmm_out(yb, *bias, ub, Bt, 1.0, scaling);
-        } else {
-          mm_alpha_out(yb, ub, Bt, scaling);
-        }
-        yb.addmm_(xb, weight.t());
+      yb.addmm_(xb, weight.t());
+    } else {
+      if (has_bias) {
+        at::addmm_out(yb, *bias, xb, weight.t());
       } else {
-        if (has_bias) {
-          at::addmm_out(yb, *bias, xb, weight.t());
-        } else {
-          at::mm_out(yb, xb, weight.t());
-        }
-        yb.addmm_(ub, Bt, 1.0, scaling);
+        at::mm_out(yb, xb, weight.t());
       }
-    }
-    if (bias_k) u.copy_(U1.narrow(1, 0, r));
-    return {y, u};
-  }
-  if (has_bias) {
-    at::addmm_out(y, *bias, x, weight.t());
-  } else {
-    at::mm_out(y, x, weight.t());
-  }
-  {
-    const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
-    at::Tensor buf = BK::scratch(0, ch, in, x.options());
-    for (int64_t r0 = 0; r0 < n; r0 += ch) {
-      const int64_t rows = std::min(ch, n - r0);
-      at::Tensor xd = buf.narrow(0, 0, rows);
-      BK::dropout_rows(x, r0, d, xd);
-      at::Tensor uc = u.narrow(0, r0, rows);
-      at::mm_out(uc, xd, lora_A.t());
+      yb.addmm_(ub, Bt, 1.0, scaling);
     }
   }
-  y.addmm_(u, Bt, 1.0, scaling);
+  if (bias_k) u.copy_(U1.narrow(1, 0, r));
   return {y, u};
 }
 
@@ -290,73 +285,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_impl(
   at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
   if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), at::zeros({out, r}, x.options())};
 
-  if (!d.active) {
-    // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  grad_x_b = gu_b A (a write);
-    // grad_x_b += g_b W (the base GEMM, beta = 1);  grad_A += gu_b^T x_b. Each block's g, x and
-    // grad_x rows are re-read from cache. (u^T g)^T: MKL runs this orientation about 2x faster
-    // than g^T u for fp32.
-    const at::ScalarType op = opmath_of(x.scalar_type());
-    const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
-    at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
-    const at::Tensor Bt = plan.transposed_rank ? lora_B.t().contiguous() : at::Tensor();
-    at::Tensor accBt = at::zeros({r, out}, x.options().dtype(op));
-    at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
-    const bool fold = plan.fold;
-    const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
-    for (int64_t r0 = 0; r0 < n; r0 += ch) {
-      const int64_t rows = std::min(ch, n - r0);
-      const at::Tensor gb = grad_y.narrow(0, r0, rows);
-      const at::Tensor xb = x.narrow(0, r0, rows);
-      at::Tensor gub;
-      if (plan.transposed_rank) {
-        at::Tensor guTb = gu.narrow(1, r0, rows);
-        mm_alpha_out(guTb, Bt, gb.t(), scaling);
-        gub = guTb.t();
-      } else {
-        gub = gu.narrow(0, r0, rows);
-        mm_alpha_out(gub, gb, lora_B, scaling);
-      }
-      accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
-      if (need_grad_x) {
-        at::Tensor gxb = grad_x.narrow(0, r0, rows);
-        if (fold) {
-          at::mm_out(gxb, gub, lora_A);
-          gxb.addmm_(gb, weight);
-        } else {
-          at::mm_out(gxb, gb, weight);
-          gxb.addmm_(gub, lora_A);
-        }
-      }
-      accumulate_tn(accA, gub, xb);
-    }
-    return {grad_x, accA.to(x.scalar_type()), accBt.t().to(x.scalar_type()).contiguous()};
-  }
-
-  // gu = s g B [N, r];  grad_B = s g^T u [out, r] as (u^T g)^T (see above).
-  at::Tensor gu = at::mm(grad_y, lora_B);
-  gu.mul_(scaling);
-  at::Tensor grad_B = at::mm(u.t(), grad_y);
-  grad_B.mul_(scaling);
-  grad_B = grad_B.t().contiguous();
-  // grad_x = g W + mult (gu A);  grad_A = gu^T drop(x), both chunked over rows.
-  if (need_grad_x) at::mm_out(grad_x, grad_y, weight);
-  const int64_t ch = std::min(n, BK::chunk_rows(in, ChunkKind::kSmallGemm));
-  at::Tensor buf = BK::scratch(0, ch, in, x.options());
-  at::Tensor acc = at::zeros({r, in}, x.options().dtype(opmath_of(x.scalar_type())));
+  // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  grad_x_b = gu_b A (a write);
+  // grad_x_b += g_b W (the base GEMM, beta = 1);  grad_A += gu_b^T x_b. Each block's g, x and
+  // grad_x rows are re-read from cache. (u^T g)^T: MKL runs this orientation about 2x faster
+  // than g^T u for fp32. With dropout: grad_x_b = g_b W first, then one pass adds
+  // mult * (gu_b A) and leaves drop(x_b) (regenerated, never stored) in the scratch for grad_A.
+  const at::ScalarType op = opmath_of(x.scalar_type());
+  const FusedPlan plan = BK::fused_plan(in, out, x.scalar_type());
+  at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
+  const at::Tensor Bt = plan.transposed_rank ? lora_B.t().contiguous() : at::Tensor();
+  at::Tensor accBt = at::zeros({r, out}, x.options().dtype(op));
+  at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
+  const int64_t ch = block_rows(plan, d, n, BK::chunk_rows(in, ChunkKind::kBaseGemm));
+  at::Tensor scratch = d.active ? BK::scratch(0, ch, in, x.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += ch) {
     const int64_t rows = std::min(ch, n - r0);
-    at::Tensor t = buf.narrow(0, 0, rows);
-    at::Tensor guc = gu.narrow(0, r0, rows);
-    if (need_grad_x) {
-      at::mm_out(t, guc, lora_A);
-      at::Tensor gxc = grad_x.narrow(0, r0, rows);
-      BK::dropout_bwd_fused(x, r0, d, t, gxc);  // t <- drop(x) rows
+    const at::Tensor gb = grad_y.narrow(0, r0, rows);
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    at::Tensor gub;
+    if (plan.transposed_rank) {
+      at::Tensor guTb = gu.narrow(1, r0, rows);
+      mm_alpha_out(guTb, Bt, gb.t(), scaling);
+      gub = guTb.t();
     } else {
-      BK::dropout_rows(x, r0, d, t);
+      gub = gu.narrow(0, r0, rows);
+      mm_alpha_out(gub, gb, lora_B, scaling);
     }
-    accumulate_tn(acc, guc, t);
+    accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
+    at::Tensor xa = xb;  // what lora_A saw: x, or drop(x)
+    if (d.active) {
+      xa = scratch.narrow(0, 0, rows);
+      if (need_grad_x) {
+        at::Tensor gxb = grad_x.narrow(0, r0, rows);
+        at::mm_out(gxb, gb, weight);
+        at::mm_out(xa, gub, lora_A);
+        BK::dropout_bwd_fused(x, r0, d, xa, gxb);  // grad_x_b += mult * (gu_b A); xa <- drop(x_b)
+      } else {
+        BK::dropout_rows(x, r0, d, xa);
+      }
+    } else if (need_grad_x) {
+      at::Tensor gxb = grad_x.narrow(0, r0, rows);
+      if (plan.fold) {
+        at::mm_out(gxb, gub, lora_A);
+        gxb.addmm_(gb, weight);
+      } else {
+        at::mm_out(gxb, gb, weight);
+        gxb.addmm_(gub, lora_A);
+      }
+    }
+    accumulate_tn(accA, gub, xa);
   }
-  return {grad_x, acc.to(x.scalar_type()), grad_B};
+  return {grad_x, accA.to(x.scalar_type()), accBt.t().to(x.scalar_type()).contiguous()};
 }
 
 // ||W_i + s (B A)_i||_2 = sqrt(||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 <B_i, (B A A^T)_i>), in the
