@@ -16,13 +16,33 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace fastpeft {
 namespace nf4 {
+
+// Calls f(T{}) for the float32 / bfloat16 / float16 element type (dtypes are checked before).
+template <class F>
+void dispatch_float(at::ScalarType s, F&& f) {
+  switch (s) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "fastpeft: unsupported dtype ", s);
+  }
+}
 
 // bitsandbytes' get_4bit_type("nf4") (already normalised; the values are exact fp32 constants).
 constexpr float kCode[16] = {

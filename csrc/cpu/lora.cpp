@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/cpu_math.h"
 #include "common/lora_impl.h"
 
 namespace fastpeft {
@@ -31,33 +32,8 @@ struct OpMath<double> {
   using type = double;
 };
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define FASTPEFT_CLONES
-#endif
-#define FASTPEFT_INLINE __attribute__((always_inline)) inline
-
-// Loads/stores in op-math precision. bf16 is converted with plain integer ops (round to nearest
-// even, NaN -> 0x7FC0, exactly c10::BFloat16's rounding) so the loops vectorise.
-FASTPEFT_INLINE float ld(float v) { return v; }
-FASTPEFT_INLINE double ld(double v) { return v; }
-FASTPEFT_INLINE float ld(c10::Half v) { return static_cast<float>(v); }
-FASTPEFT_INLINE float ld(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-FASTPEFT_INLINE void st(float& o, float f) { o = f; }
-FASTPEFT_INLINE void st(double& o, double f) { o = f; }
-FASTPEFT_INLINE void st(c10::Half& o, float f) { o = static_cast<c10::Half>(f); }
-FASTPEFT_INLINE void st(c10::BFloat16& o, float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  o.x = f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
-}
+using cpu::ld;
+using cpu::st;
 
 template <class M>
 FASTPEFT_INLINE M keep_value(DropoutKey k, uint32_t lo, uint32_t thr, M scale) {

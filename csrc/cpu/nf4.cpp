@@ -24,6 +24,7 @@
 #endif
 
 #include "common/checks.h"
+#include "common/cpu_math.h"
 #include "common/nf4_impl.h"
 
 namespace fastpeft {
@@ -31,29 +32,8 @@ namespace {
 
 using namespace nf4;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define FASTPEFT_CLONES
-#endif
-#define FASTPEFT_INLINE __attribute__((always_inline)) inline
-
-FASTPEFT_INLINE float ld(float v) { return v; }
-FASTPEFT_INLINE float ld(c10::Half v) { return static_cast<float>(v); }
-FASTPEFT_INLINE float ld(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-FASTPEFT_INLINE void st(float& o, float f) { o = f; }
-FASTPEFT_INLINE void st(c10::Half& o, float f) { o = static_cast<c10::Half>(f); }
-FASTPEFT_INLINE void st(c10::BFloat16& o, float f) {  // round to nearest even, NaN -> 0x7FC0
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  o.x = f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
-}
+using cpu::ld;
+using cpu::st;
 FASTPEFT_INLINE uint32_t abs_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
@@ -201,23 +181,6 @@ bool use_avx512() {
 
 inline int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 32768 / blocksize); }
 
-// Calls f(T{}) for the float32 / bfloat16 / float16 element type (dtypes are checked before).
-template <class F>
-void dispatch_float(at::ScalarType s, F&& f) {
-  switch (s) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "fastpeft: unsupported dtype ", s);
-  }
-}
 
 void check_finite_flag(const std::atomic<bool>& bad, const char* name) {
   TORCH_CHECK(!bad.load(), "fastpeft: '", name,

@@ -166,22 +166,6 @@ __global__ void blockwise8_dequantize_kernel(const uint8_t* __restrict__ q, cons
     out[i] = static_cast<T>(__fmul_rn(code[q[i]], absmax[i / blocksize]));
 }
 
-template <class F>
-void dispatch_float(at::ScalarType s, F&& f) {
-  switch (s) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "fastpeft: unsupported dtype ", s);
-  }
-}
 
 void check_flag(const at::Tensor& flag, const char* name) {
   const at::Tensor host = flag.to(at::kCPU);
