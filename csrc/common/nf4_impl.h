@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/checks.h"
+
 namespace fastpeft {
 namespace nf4 {
 
@@ -124,6 +126,40 @@ inline int64_t shape_numel(at::IntArrayRef shape) {
     TORCH_CHECK(d >= 0, "fastpeft: 'shape' must not have negative sizes, got ", shape);
     n *= d;
   }
+  return n;
+}
+
+// Argument checks shared by the CPU and CUDA drivers; each returns the element count.
+inline int64_t check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                         at::IntArrayRef shape, at::ScalarType dtype) {
+  check_uint8(packed, "packed");
+  check_blocksize(blocksize);
+  check_out_dtype(dtype);
+  check_same_device(absmax, packed, "absmax", "packed");
+  const int64_t n = shape_numel(shape);
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, "fastpeft: 'packed' has ", packed.numel(), " bytes but 'shape' ",
+              shape, " needs ", (n + 1) / 2, " (two 4-bit codes per byte)");
+  check_absmax(absmax, n, blocksize);
+  return n;
+}
+
+inline void check_blockwise8_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
+  check_float_input(x, "x");
+  check_code8(code);
+  check_blocksize(blocksize);
+  check_same_device(code, x, "code", "x");
+}
+
+inline int64_t check_blockwise8_dequantize_args(const at::Tensor& q, const at::Tensor& absmax,
+                                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype) {
+  check_uint8(q, "q");
+  check_code8(code);
+  check_blocksize(blocksize);
+  check_out_dtype(dtype);
+  check_same_device(absmax, q, "absmax", "q");
+  check_same_device(code, q, "code", "q");
+  const int64_t n = q.numel();
+  check_absmax(absmax, n, blocksize);
   return n;
 }
 

@@ -238,14 +238,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t
 
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               at::IntArrayRef shape, at::ScalarType dtype) {
-  check_uint8(packed, "packed");
-  check_blocksize(blocksize);
-  check_out_dtype(dtype);
-  check_same_device(absmax, packed, "absmax", "packed");
-  const int64_t n = shape_numel(shape);
-  TORCH_CHECK(packed.numel() == (n + 1) / 2, "fastpeft: 'packed' has ", packed.numel(), " bytes but 'shape' ",
-              shape, " needs ", (n + 1) / 2, " (two 4-bit codes per byte)");
-  check_absmax(absmax, n, blocksize);
+  const int64_t n = check_nf4_dequantize_args(packed, absmax, blocksize, shape, dtype);
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
@@ -281,10 +274,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
 
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x_in, const at::Tensor& code,
                                                            int64_t blocksize) {
-  check_float_input(x_in, "x");
-  check_code8(code);
-  check_blocksize(blocksize);
-  check_same_device(code, x_in, "code", "x");
+  check_blockwise8_quantize_args(x_in, code, blocksize);
   const at::Tensor x = x_in.contiguous();
   const std::vector<uint8_t> lut = build_lut8(code.contiguous().const_data_ptr<float>());
   const int64_t n = x.numel();
@@ -324,14 +314,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x_i
 
 at::Tensor blockwise8_dequantize_cpu(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
-  check_uint8(q, "q");
-  check_code8(code);
-  check_blocksize(blocksize);
-  check_out_dtype(dtype);
-  check_same_device(absmax, q, "absmax", "q");
-  check_same_device(code, q, "code", "q");
-  const int64_t n = q.numel();
-  check_absmax(absmax, n, blocksize);
+  const int64_t n = check_blockwise8_dequantize_args(q, absmax, code, blocksize, dtype);
   const at::Tensor qc = q.contiguous();
   const at::Tensor a = absmax.contiguous();
   const at::Tensor c = code.contiguous();

@@ -202,14 +202,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& w, int64_
 
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                at::IntArrayRef shape, at::ScalarType dtype) {
-  check_uint8(packed, "packed");
-  check_blocksize(blocksize);
-  check_out_dtype(dtype);
-  check_same_device(absmax, packed, "absmax", "packed");
-  const int64_t n = shape_numel(shape);
-  TORCH_CHECK(packed.numel() == (n + 1) / 2, "fastpeft: 'packed' has ", packed.numel(), " bytes but 'shape' ",
-              shape, " needs ", (n + 1) / 2, " (two 4-bit codes per byte)");
-  check_absmax(absmax, n, blocksize);
+  const int64_t n = check_nf4_dequantize_args(packed, absmax, blocksize, shape, dtype);
   c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
@@ -228,10 +221,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
 
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x_in, const at::Tensor& code,
                                                             int64_t blocksize) {
-  check_float_input(x_in, "x");
-  check_code8(code);
-  check_blocksize(blocksize);
-  check_same_device(code, x_in, "code", "x");
+  check_blockwise8_quantize_args(x_in, code, blocksize);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
@@ -261,14 +251,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x_
 
 at::Tensor blockwise8_dequantize_cuda(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                       int64_t blocksize, at::ScalarType dtype) {
-  check_uint8(q, "q");
-  check_code8(code);
-  check_blocksize(blocksize);
-  check_out_dtype(dtype);
-  check_same_device(absmax, q, "absmax", "q");
-  check_same_device(code, q, "code", "q");
-  const int64_t n = q.numel();
-  check_absmax(absmax, n, blocksize);
+  const int64_t n = check_blockwise8_dequantize_args(q, absmax, code, blocksize, dtype);
   c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous();
   const at::Tensor a = absmax.contiguous();
