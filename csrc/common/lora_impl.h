@@ -103,6 +103,21 @@ inline at::ScalarType opmath_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// lora_A [r, in] and lora_B [out, r]: 2-D, of `ref`'s dtype and device, sized for the layer
+// (`in_what` names where in_features comes from, for the message).
+inline void check_lora_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ref,
+                               const char* ref_name, int64_t in, const char* in_what, int64_t out) {
+  check_dim(lora_A, 2, "lora_A");
+  check_dim(lora_B, 2, "lora_B");
+  check_same_dtype(lora_A, ref, "lora_A", ref_name);
+  check_same_dtype(lora_B, ref, "lora_B", ref_name);
+  check_same_device(lora_A, ref, "lora_A", ref_name);
+  check_same_device(lora_B, ref, "lora_B", ref_name);
+  check_size(lora_A, 1, in, "lora_A", in_what);
+  check_size(lora_B, 1, lora_A.size(0), "lora_B", "the rank (lora_A.size(0))");
+  check_size(lora_B, 0, out, "lora_B", "out_features (weight.size(0))");
+}
+
 // x [N, in], weight [out, in], bias [out]?, lora_A [r, in], lora_B [out, r]: one dtype, one device.
 inline void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -110,19 +125,11 @@ inline void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
   check_dim(x, 2, "x");
   check_floating(x, "x");
   check_dim(weight, 2, "weight");
-  check_dim(lora_A, 2, "lora_A");
-  check_dim(lora_B, 2, "lora_B");
   check_same_dtype(weight, x, "weight", "x");
-  check_same_dtype(lora_A, x, "lora_A", "x");
-  check_same_dtype(lora_B, x, "lora_B", "x");
   check_same_device(weight, x, "weight", "x");
-  check_same_device(lora_A, x, "lora_A", "x");
-  check_same_device(lora_B, x, "lora_B", "x");
-  const int64_t in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  const int64_t in = x.size(1), out = weight.size(0);
   check_size(weight, 1, in, "weight", "in_features (x.size(1))");
-  check_size(lora_A, 1, in, "lora_A", "in_features (x.size(1))");
-  check_size(lora_B, 1, r, "lora_B", "the rank (lora_A.size(0))");
-  check_size(lora_B, 0, out, "lora_B", "out_features (weight.size(0))");
+  check_lora_factors(lora_A, lora_B, x, "x", in, "in_features (x.size(1))", out);
   if (bias.has_value() && bias->defined()) {
     check_dim(*bias, 1, "bias");
     check_same_dtype(*bias, x, "bias", "x");
@@ -345,16 +352,8 @@ at::Tensor dora_weight_norm_impl(const at::Tensor& weight, const at::Tensor& lor
                                  const at::Tensor& lora_B, double scaling) {
   check_dim(weight, 2, "weight");
   check_floating(weight, "weight");
-  check_dim(lora_A, 2, "lora_A");
-  check_dim(lora_B, 2, "lora_B");
-  check_same_dtype(lora_A, weight, "lora_A", "weight");
-  check_same_dtype(lora_B, weight, "lora_B", "weight");
-  check_same_device(lora_A, weight, "lora_A", "weight");
-  check_same_device(lora_B, weight, "lora_B", "weight");
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_A.size(0);
-  check_size(lora_A, 1, in, "lora_A", "in_features (weight.size(1))");
-  check_size(lora_B, 1, r, "lora_B", "the rank (lora_A.size(0))");
-  check_size(lora_B, 0, out, "lora_B", "out_features (weight.size(0))");
+  check_lora_factors(lora_A, lora_B, weight, "weight", in, "in_features (weight.size(1))", out);
   typename BK::Guard guard(weight.device());
   const at::ScalarType op = opmath_of(weight.scalar_type());
   at::Tensor norm = at::empty({out}, weight.options().dtype(op));
