@@ -64,4 +64,29 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
   // code[q] * absmax in fp32, cast once to `dtype`; shaped like q.
   m.def("blockwise8_dequantize(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+  // ---- fused NF4 matmul (QLoRA base path) -------------------------------------------------
+  // The NF4 weight W [out_features, in_features] (bitsandbytes' row-major packing, see above) is
+  // never dequantised whole: each kernel decodes tiles of it in fp32 and rounds them to x's dtype.
+  // Its quant state: `absmax` float32 [blocks]; or, double-quantised, `absmax` the uint8 codes of
+  // the 8-bit step with `nested_absmax` float32 [ceil(blocks / 256)], `nested_code` float32 [256]
+  // and `offset` a float32 scalar (all three given or none), the float absmax of block b being
+  // nested_code[absmax[b]] * nested_absmax[b / 256] + offset.
+  // y = x W^T + bias; x [N, in_features] (float32/bfloat16/float16, the compute dtype).
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int out_features, Tensor? bias) -> Tensor");
+  // grad_x = grad_y W; grad_y [N, out_features].
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? offset, int blocksize, int in_features) -> Tensor");
+  // QLoRA: lora_forward/lora_backward with the base weight in NF4 (the same outputs and saved
+  // tensors: y = x W^T + b + s (drop(x) A^T) B^T, returns (y, u)).
+  m.def(
+      "qlora_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  m.def(
+      "qlora_backward(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? offset, int blocksize, Tensor lora_A, Tensor lora_B, Tensor u, "
+      "float scaling, float dropout_p, Tensor seed, bool need_grad_x=True) -> (Tensor, Tensor, Tensor)");
 }

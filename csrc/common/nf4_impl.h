@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "common/checks.h"
@@ -161,6 +162,76 @@ inline int64_t check_blockwise8_dequantize_args(const at::Tensor& q, const at::T
   const int64_t n = q.numel();
   check_absmax(absmax, n, blocksize);
   return n;
+}
+
+// ---- the fused NF4 matmul (nf4_linear, nf4_linear_grad_input, qlora_*) -------------------------
+
+// An NF4 weight W [out, in] as the matmul kernels read it (see registration.cpp for the format).
+// `nested` tensors are defined only for a double-quantised state.
+struct NF4Weight {
+  at::Tensor packed;         // uint8, (out * in + 1) / 2 bytes, contiguous
+  at::Tensor absmax;         // float32 [blocks], or uint8 [blocks] when nested
+  at::Tensor nested_absmax;  // float32 [ceil(blocks / 256)]
+  at::Tensor nested_code;    // float32 [256]
+  at::Tensor offset;         // float32, one element
+  int64_t blocksize = 64;
+  int64_t out = 0;
+  int64_t in = 0;
+  bool nested() const { return nested_absmax.defined(); }
+};
+
+// Checks the quant state against W's shape [out, in] and the device of `ref` (the activation);
+// returns the weight with every tensor made contiguous.
+inline NF4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& absmax,
+                                 const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                 int64_t blocksize, int64_t out, int64_t in, const at::Tensor& ref,
+                                 const char* ref_name) {
+  check_uint8(packed, "packed");
+  check_blocksize(blocksize);
+  TORCH_CHECK(out >= 0 && in >= 0, "fastpeft: the NF4 weight's shape must be non-negative, got [", out, ", ", in, "]");
+  check_same_device(packed, ref, "packed", ref_name);
+  check_same_device(absmax, ref, "absmax", ref_name);
+  const int64_t n = out * in;
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, "fastpeft: 'packed' has ", packed.numel(), " bytes but an NF4 weight of shape [",
+              out, ", ", in, "] needs ", (n + 1) / 2, " (two 4-bit codes per byte)");
+  const bool has_na = nested_absmax.has_value() && nested_absmax->defined();
+  const bool has_nc = nested_code.has_value() && nested_code->defined();
+  const bool has_off = offset.has_value() && offset->defined();
+  TORCH_CHECK(has_na == has_nc && has_nc == has_off,
+              "fastpeft: 'nested_absmax', 'nested_code' and 'offset' describe double quantisation: give all three or "
+              "none (got ", has_na ? "" : "no ", "nested_absmax, ", has_nc ? "" : "no ", "nested_code, ",
+              has_off ? "" : "no ", "offset)");
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  NF4Weight w;
+  if (has_na) {
+    check_uint8(absmax, "absmax");
+    TORCH_CHECK(absmax.numel() == blocks, "fastpeft: 'absmax' has ", absmax.numel(), " codes but ", n,
+                " values in blocks of ", blocksize, " need ", blocks);
+    TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat, "fastpeft: 'nested_absmax' must be float32, got ",
+                nested_absmax->scalar_type());
+    const int64_t nested_blocks = (blocks + 255) / 256;
+    TORCH_CHECK(nested_absmax->numel() == nested_blocks, "fastpeft: 'nested_absmax' has ", nested_absmax->numel(),
+                " elements but ", blocks, " absmax codes in blocks of 256 need ", nested_blocks);
+    check_code8(*nested_code);
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
+                "fastpeft: 'offset' must be a one-element float32 tensor, got dtype ", offset->scalar_type(),
+                " and shape ", offset->sizes());
+    check_same_device(*nested_absmax, ref, "nested_absmax", ref_name);
+    check_same_device(*nested_code, ref, "nested_code", ref_name);
+    check_same_device(*offset, ref, "offset", ref_name);
+    w.nested_absmax = nested_absmax->contiguous();
+    w.nested_code = nested_code->contiguous();
+    w.offset = offset->contiguous();
+  } else {
+    check_absmax(absmax, n, blocksize);
+  }
+  w.packed = packed.contiguous();
+  w.absmax = absmax.contiguous();
+  w.blocksize = blocksize;
+  w.out = out;
+  w.in = in;
+  return w;
 }
 
 // bitsandbytes' build_quantize_lut: lut[i] = index of the first midpoint >= val_i, scanning the
