@@ -1,4 +1,5 @@
-"""Small Llama training step: fastpeft vs peft, LoRA on every linear layer.
+"""Small Llama training step: fastpeft vs peft, LoRA on every linear layer; and QLoRA (the base in NF4):
+fastpeft (quantize_model + get_peft_model) vs peft + bitsandbytes (Linear4bit holding the same NF4 bytes).
 
 A randomly initialised transformers LlamaForCausalLM (4 layers, hidden 512, intermediate 1376,
 8 heads, vocab 8000; seq 256, batch 4 by default), LoRA r=16 on target_modules="all-linear",
@@ -194,4 +195,167 @@ def run(ctx: BenchContext) -> SuiteResult:
             res.ratios.append(Ratio(f"llama drop{dropout}: CUDA peak fastpeft/peft", pratio, None, "memory"))
         del models, steps
     res.tables.append(table)
+    if ctx.options.get("llama_qlora", True):
+        _run_qlora(ctx, res, shape, dtype, ids)
     return res
+
+
+# ---- QLoRA: the same step with the base in NF4 -----------------------------------------------------
+
+QLORA_SPEED_TARGET = Target(1.2, ">=", "tokens/s vs peft+bnb")
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _bnb_linear4bit(layer, compute_dtype):
+    """bitsandbytes' Linear4bit holding a fastpeft LinearNF4's exact state dict (same NF4 bytes)."""
+    import bitsandbytes as bnb
+
+    sd = layer.state_dict()
+    m = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    m.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"].clone(), stats, device="cpu", module=m)
+    if layer.bias is not None:
+        m.bias = torch.nn.Parameter(sd["bias"].clone(), requires_grad=False)
+    return m
+
+
+def _bnb_train_mode(model):
+    # bitsandbytes' CPU eval path repacks the weight for an optional kernel package; its training path
+    # (dequantise + matmul) is the one that always works, and the one a training step uses anyway
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"):
+            m.train()
+    return model
+
+
+def build_qlora_models(shape: Dict[str, int], dropout: float, dtype, device):
+    """(models, notes): the same random Llama in `dtype`, its linear layers (not lm_head) quantised to NF4
+    once by fastpeft; "peft+bnb" holds bitsandbytes Linear4bit layers with those exact bytes, "fastpeft"
+    the LinearNF4 layers; both get LoRA (all-linear) through their get_peft_model with the same weights."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastpeft
+
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(dtype)
+    quantized = fastpeft.quantize_model(copy.deepcopy(base), compute_dtype=dtype, progress=False)
+    theirs = copy.deepcopy(quantized)
+    for name, module in list(theirs.named_modules()):
+        if isinstance(module, fastpeft.LinearNF4):
+            parent, _, child = name.rpartition(".")
+            setattr(theirs.get_submodule(parent), child, _bnb_linear4bit(module, dtype))
+    theirs.is_loaded_in_4bit = True  # what transformers sets; peft dispatches bitsandbytes layers on it
+    pm = peft.get_peft_model(theirs, peft.LoraConfig(**_lora_kwargs(shape["r"], dropout)))
+    notes = []
+    fm = fastpeft.get_peft_model(quantized, fastpeft.LoraConfig(**_lora_kwargs(shape["r"], dropout)))
+    missing = copy_matching_state(pm, fm)
+    if missing:
+        raise RuntimeError(f"fastpeft parameters with no peft counterpart: {missing[:5]}...")
+    np_, nf = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (pm, fm))
+    if np_ != nf:
+        raise RuntimeError(f"trainable parameter count differs: peft {np_} vs fastpeft {nf}")
+    models = {"peft+bnb": pm.to(device), "fastpeft": fm.to(device)}
+    return models, notes
+
+
+def _run_qlora(ctx: BenchContext, res: SuiteResult, shape: Dict[str, int], dtype, ids) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        res.errors.append("qlora: bitsandbytes is not installed; QLoRA rows skipped")
+        return
+    shape = dict(shape)
+    # bitsandbytes' CPU dequantiser is only right when in_features is a multiple of the blocksize
+    shape["intermediate"] = _round_up(shape["intermediate"], 64)
+    shape["hidden"] = _round_up(shape["hidden"], 64)
+    tokens = shape["batch"] * shape["seq"]
+    dropouts = ctx.options.get("llama_qlora_dropouts", [0.0] if ctx.quick else [0.0, 0.05])
+    cols = ["dropout", "impl", "ms/step", "iqr ms", "tokens/s", "speedup", "target", "status", "saved MB", "saved x"] + (
+        ["peak MB", "peak x"] if ctx.is_cuda else [])
+    table = Table(
+        f"QLoRA: Llama {shape['layers']}L h{shape['hidden']} i{shape['intermediate']} v{shape['vocab']}, batch "
+        f"{shape['batch']} x seq {shape['seq']}, NF4 base (blocksize 64, double quant, compute {dtype_name(dtype)}), "
+        f"LoRA r={shape['r']} all-linear, train step (fwd+bwd+AdamW), {ctx.device}",
+        cols,
+        notes=["both models hold the same NF4 bytes (quantised once by fastpeft, loaded into bitsandbytes' "
+               "Linear4bit) and the same adapter weights (fp32, peft's autocast_adapter_dtype)",
+               "speedup: median per-round peft+bnb ms / fastpeft ms (alternating steps)",
+               "intermediate rounded up to a multiple of 64 (bitsandbytes' CPU dequantiser needs it)",
+               "fastpeft's LinearNF4 forward at the time of the run (dequantise + matmul until the fused NF4 "
+               "kernels land)"],
+    )
+    ids = ids.remainder(shape["vocab"])
+    for dropout in dropouts:
+        try:
+            models, notes = build_qlora_models(shape, dropout, dtype, ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res.errors.append(f"qlora dropout {dropout}: build failed: {type(exc).__name__}: {exc}")
+            continue
+        res.errors += [f"qlora dropout {dropout}: {n}" for n in notes]
+        mismatch = None
+        try:
+            with torch.no_grad():
+                for m in models.values():
+                    _bnb_train_mode(m.eval())
+                lp, lf = (_loss(models[k], ids).float().item() for k in ("peft+bnb", "fastpeft"))
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            if not abs(lp - lf) <= tol * max(1.0, abs(lp)):
+                mismatch = f"eval loss differs: peft+bnb {lp:.5f} vs fastpeft {lf:.5f}"
+                res.errors.append(f"qlora dropout {dropout}: {mismatch}")
+        except Exception as exc:  # noqa: BLE001
+            mismatch = f"check failed: {type(exc).__name__}: {exc}"
+            res.errors.append(f"qlora dropout {dropout}: {mismatch}")
+        for m in models.values():
+            m.train()
+        saved = {}
+        for k, m in models.items():
+            sb, loss = measure_saved_bytes(lambda m=m: _loss(m, ids), params=list(m.parameters()))
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+            saved[k] = sb
+        steps = {k: _make_step(m, ids)[0] for k, m in models.items()}
+        peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
+        ctx.log(f"llama qlora dropout={dropout}: timing {', '.join(steps)}")
+        try:
+            t = time_interleaved(steps, ctx.device, warmup=max(1, ctx.warmup - 1),
+                                 repeats=max(3, ctx.repeats), min_sample_ms=0.0)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            res.errors.append(f"qlora dropout {dropout}: timing failed: {type(exc).__name__}: {exc}")
+            continue
+        speed = t.ratio("peft+bnb", "fastpeft")
+        sratio = safe_div(saved["fastpeft"].total, saved["peft+bnb"].total)
+        pratio = safe_div(peaks.get("fastpeft"), peaks.get("peft+bnb")) if peaks else None
+        for k in steps:
+            ms = t.median(k)
+            row = table.add(dropout=dropout, impl=k, **{"ms/step": ms, "iqr ms": t.iqr(k), "tokens/s": tokens / (ms / 1e3),
+                                                        "saved MB": mb(saved[k].total)})
+            row["timing"] = t.summary()[k]
+            if ctx.is_cuda:
+                row["peak MB"] = mb(peaks.get(k))
+            if k == "fastpeft":
+                row.update(speedup=speed, target=QLORA_SPEED_TARGET.describe("x"),
+                           status="INVALID" if mismatch else QLORA_SPEED_TARGET.check(speed), **{"saved x": sratio})
+                if ctx.is_cuda:
+                    row["peak x"] = pratio
+                if mismatch:
+                    row["error"] = mismatch
+        res.ratios.append(Ratio(f"llama qlora drop{dropout}: tokens/s fastpeft/peft+bnb", speed, QLORA_SPEED_TARGET,
+                                "speedup"))
+        if sratio is not None:
+            res.ratios.append(Ratio(f"llama qlora drop{dropout}: saved bytes fastpeft/peft+bnb", sratio, None, "memory"))
+        if pratio is not None:
+            res.ratios.append(Ratio(f"llama qlora drop{dropout}: CUDA peak fastpeft/peft+bnb", pratio, None, "memory"))
+        del models, steps
+    res.tables.append(table)

@@ -124,6 +124,25 @@ def test_demo_fails_when_the_reload_is_wrong(monkeypatch, capsys):
     assert "SOME CHECKS FAILED" in out
 
 
+def test_demo_quick_qlora(tmp_path, capsys):
+    """`fastpeft demo --qlora`: the base quantised to NF4 first, its memory shown; reload and merge checks pass."""
+    _require_model()
+    result_json = tmp_path / "result.json"
+    rc = cli.main(["demo", "--quick", "--qlora", "--no-progress", "--json", str(result_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "NF4-quantised all-MiniLM-L6-v2 (QLoRA)" in out
+    assert re.search(r"base model memory: [\d.]+ MiB in float32 -> [\d.]+ MiB with its 37 linear layers in NF4", out), out
+    assert re.search(r"held-out accuracy after training: .*MiB in NF4 vs .*MiB in float32", out), out
+    assert re.search(r"check reload .*: PASS", out) and re.search(r"check merge .*: PASS", out), out
+    result = json.loads(result_json.read_text())
+    assert result["ok"] is True and result["qlora"] is True
+    # the linear layers (~21M of 22.7M parameters' 4 bytes) now take ~0.5 byte per weight + statistics
+    assert 0.5 * result["base_bytes_fp32"] < result["base_bytes_nf4"] < 0.7 * result["base_bytes_fp32"]
+    # parameters are counted as peft counts them: a packed byte holds two 4-bit weights
+    assert result["total_params"] > 22_000_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "rslora"])
 def test_demo_quick_other_methods(method, capsys):

@@ -18,6 +18,7 @@ _LAZY = {
     "PeftType": "fastpeft.config",
     "TaskType": "fastpeft.config",
     "LoraConfig": "fastpeft.tuners.lora.config",
+    "LoftQConfig": "fastpeft.tuners.lora.config",
     "LoraModel": "fastpeft.tuners.lora.model",
     "PeftModel": "fastpeft.peft_model",
     "PeftModelForCausalLM": "fastpeft.peft_model",
@@ -35,6 +36,8 @@ _LAZY = {
     "SaveAdapterCallback": "fastpeft.training",
     "LinearNF4": "fastpeft.quant.nf4",
     "quantize_model": "fastpeft.quant.nf4",
+    "load_nf4_model": "fastpeft.quant.hf",
+    "replace_lora_weights_loftq": "fastpeft.quant.loftq",
 }
 _SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli", "quant"}
 

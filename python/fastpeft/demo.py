@@ -12,6 +12,11 @@ topic classification of the English sentences in `fastpeft/data/topics.jsonl` (s
    are those of the trained model,
 5. merges it with `merge_and_unload()` and checks the predictions again,
 
+With `qlora=True` (`fastpeft demo --qlora`) the base model's linear layers (all but the classifier head)
+are first quantised to NF4 with `fastpeft.quantize_model` (QLoRA) and the base model's memory
+(parameters + buffers + NF4 statistics) is shown before and after; the reloaded model is quantised the
+same way, and merging returns plain float32 linear layers (dequantised weight + adapter).
+
 and reports failure (`run_demo(...)["ok"] is False`, a non-zero exit from the CLI) if a check fails.
 Everything goes through fastpeft's public, peft-compatible API.
 """
@@ -67,6 +72,7 @@ class DemoConfig:
     quick: bool = False
     model: Optional[str] = None
     progress: bool = True
+    qlora: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +136,32 @@ def load_base_model(model_dir: Path, num_labels: int):
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},
     )
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers, plus the NF4 statistics of its LinearNF4 layers
+    (absmax, codebooks, ...: tensors that are neither), each storage counted once."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "as_dict"):
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def quantize_base(model):
+    """QLoRA's base: every linear layer but the classifier head in NF4 (blocksize 64, double quantisation),
+    computing in the input's dtype (float32 here: the fastest on a CPU)."""
+    from fastpeft import quantize_model
+
+    return quantize_model(model, compute_dtype=None, skip_modules=("classifier",), progress=False)
 
 
 def make_peft_config(cfg: DemoConfig):
@@ -258,7 +290,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
     test_labels = [y for _, y in test]
 
     info = fastpeft.build_info()
-    log(f"fastpeft {fastpeft.__version__} demo: {cfg.method} on all-MiniLM-L6-v2 (from {model_dir})")
+    what = f"{cfg.method} on " + ("an NF4-quantised all-MiniLM-L6-v2 (QLoRA)" if cfg.qlora else "all-MiniLM-L6-v2")
+    log(f"fastpeft {fastpeft.__version__} demo: {what} (from {model_dir})")
     log(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"kernels: cpu ({info['cpu_capability']})" + (", cuda" if info["cuda_compiled"] else "")
@@ -270,12 +303,23 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
 
     torch.manual_seed(cfg.seed)
     base = load_base_model(model_dir, len(LABELS))
+    base_bytes_fp32 = base_bytes_nf4 = None
+    if cfg.qlora:
+        base_bytes_fp32 = model_bytes(base)
+        t_q = time.perf_counter()
+        quantize_base(base)
+        base_bytes_nf4 = model_bytes(base)
+        n_nf4 = sum(type(m).__name__ == "LinearNF4" for m in base.modules())
+        log(
+            f"base model memory: {_human(base_bytes_fp32)} in float32 -> {_human(base_bytes_nf4)} with its "
+            f"{n_nf4} linear layers in NF4 ({base_bytes_fp32 / base_bytes_nf4:.1f}x smaller; the embeddings "
+            f"and layer norms stay float32; quantised in {time.perf_counter() - t_q:.1f} s)"
+        )
     peft_config = make_peft_config(cfg)
     model = get_peft_model(base, peft_config)
     model.print_trainable_parameters()
     sys.stdout.flush()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = model.get_nb_trainable_parameters()  # peft's count (a packed NF4 byte is 2 weights)
 
     acc_before = accuracy(predict_logits(model, test_data), test_labels)
     log(f"held-out accuracy before training: {acc_before:.1%}  (chance: {1 / len(LABELS):.0%})")
@@ -327,6 +371,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
         f"held-out accuracy after training:  {acc_after:.1%}  (training took {train_s:.1f} s: "
         f"{cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}, {total_steps} steps, "
         f"{cfg.epochs * len(train_data) / train_s:.0f} sentences/s)"
+        + (f"; base model {_human(base_bytes_nf4)} in NF4 vs {_human(base_bytes_fp32)} in float32" if cfg.qlora else "")
     )
 
     # ---- save
@@ -352,6 +397,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
         # ---- reload into a fresh base model
         torch.manual_seed(cfg.seed + 1)  # a different random head, so the reload must restore it
         fresh = load_base_model(model_dir, len(LABELS))
+        if cfg.qlora:
+            quantize_base(fresh)  # the same NF4 bytes as the trained model's base
         reloaded = PeftModel.from_pretrained(fresh, str(out_dir))
         reloaded.eval()
         checks["reload"] = _compare(logits, predict_logits(reloaded, test_data), RELOAD_ATOL, 0.0)
@@ -381,6 +428,9 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
         "trainable_params": trainable,
         "total_params": total,
         "adapter_bytes": adapter_bytes,
+        "qlora": cfg.qlora,
+        "base_bytes_fp32": base_bytes_fp32,
+        "base_bytes_nf4": base_bytes_nf4,
         "output_dir": None if tmp else str(out_dir),
         "train_seconds": train_s,
         "total_seconds": total_s,

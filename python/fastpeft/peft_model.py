@@ -448,12 +448,16 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
-        """Merge the adapters into the base weights and return the base model without adapter layers."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, **kwargs):
+        """Merge the adapters into the base weights and return the base model without adapter layers.
+
+        Extra keyword arguments go to the tuner's ``merge_and_unload`` (LoRA: ``requantize``, ``dtype`` for
+        layers on NF4 weights, see :meth:`fastpeft.LoraModel.merge_and_unload`).
+        """
         for name in adapter_names or []:
             self._require_adapter(name)
         return self.base_model.merge_and_unload(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
         )
 
     def unload(self):
@@ -465,11 +469,15 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(number of trainable parameters, number of all parameters), counted as peft does."""
         trainable, total = 0, 0
+        # fastpeft's NF4 layers hold two 4-bit values per uint8 byte of `weight` (as bitsandbytes' Params4bit)
+        packed = {id(m.weight) for m in self.modules() if type(m).__name__ == "LinearNF4" and hasattr(m, "quant_state")}
         for _, param in self.named_parameters():
             n = param.numel()
             if n == 0 and hasattr(param, "ds_numel"):
                 n = param.ds_numel
-            if param.__class__.__name__ == "Params4bit":
+            if id(param) in packed:
+                n = n * 2
+            elif param.__class__.__name__ == "Params4bit":
                 if hasattr(param, "element_size"):
                     nbytes = param.element_size()
                 elif not hasattr(param, "quant_storage"):

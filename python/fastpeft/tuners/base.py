@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import re
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence, Union
@@ -137,6 +138,9 @@ def include_all_linear_layers(config: PeftConfig, model: nn.Module) -> PeftConfi
         return config
     conv1d = _conv1d_class()
     linear_classes = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    nf4 = sys.modules.get("fastpeft.quant.nf4")  # fastpeft's NF4 layers count as linear (peft: bnb's Linear4bit)
+    if nf4 is not None:
+        linear_classes = linear_classes + (nf4.LinearNF4,)
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, linear_classes):
@@ -848,8 +852,15 @@ class BaseTuner(nn.Module, ABC):
 
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: Optional[list[str]] = None, merge_kwargs: Optional[dict] = None,
     ) -> nn.Module:
+        """Replace every adapter layer by its base layer (merging the adapters first when `merge`).
+
+        A layer with a `_merge_and_unload_layer(safe_merge=, adapter_names=, **merge_kwargs)` method (e.g.
+        LoRA on an NF4 layer) builds its own replacement: it returns `(module, info)`, and the non-None
+        infos are collected in `self._merge_infos` (qualified module name -> info).
+        """
+        self._merge_infos = {}
         if merge:
             self._check_merge_allowed()
         layer_names = {k for k, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)}
@@ -867,6 +878,13 @@ class BaseTuner(nn.Module, ABC):
                 new = target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
                 setattr(parent, target_name, new)
             elif isinstance(target, BaseTunerLayer):
+                own = getattr(target, "_merge_and_unload_layer", None) if merge else None
+                if own is not None:
+                    new, info = own(safe_merge=safe_merge, adapter_names=adapter_names, **(merge_kwargs or {}))
+                    if info is not None:
+                        self._merge_infos[key] = info
+                    setattr(parent, target_name, new)
+                    continue
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, target.get_base_layer())

@@ -35,6 +35,44 @@ def _as_dict(value):
     return value
 
 
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings (peft's `LoftQConfig`): pass as `LoraConfig(init_lora_weights="loftq", loftq_config=...)`.
+
+    Args:
+        loftq_bits: quantisation bits of the base weight: 4 (NF4, bitsandbytes' format) or 8 (bitsandbytes'
+            int8 row-wise); peft supports these two.
+        loftq_iter: alternations of quantisation and low-rank fitting (>= 1).
+
+    `LoraConfig` stores it as the plain dict `{"loftq_bits": ..., "loftq_iter": ...}` (peft's JSON);
+    `LoftQConfig.from_dict` reads it back. The algorithm is `fastpeft.quant.loftq`.
+    """
+
+    loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
+    loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
+
+    def __post_init__(self):
+        if isinstance(self.loftq_bits, bool) or self.loftq_bits not in (4, 8):
+            raise ValueError(
+                f"LoftQConfig.loftq_bits={self.loftq_bits!r} is not supported: use 4 (NF4) or 8 (int8), the bit widths "
+                "peft's LoftQ supports"
+            )
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"LoftQConfig.loftq_iter must be an integer >= 1, got {self.loftq_iter!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoftQConfig":
+        """A LoftQConfig from `LoraConfig.loftq_config` (a dict with peft's keys; both optional)."""
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise TypeError(f"loftq_config must be a LoftQConfig or a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"loftq_config has unknown keys {unknown}; LoftQConfig has 'loftq_bits' and 'loftq_iter'")
+        return cls(**d)
+
+
 @register_config(PeftType.LORA)
 @dataclass
 class LoraConfig(PeftConfig):
@@ -142,6 +180,7 @@ class LoraConfig(PeftConfig):
                     "LoraConfig.loftq_config must be given when init_lora_weights='loftq' "
                     "(e.g. loftq_config={'loftq_bits': 4, 'loftq_iter': 1})"
                 )
+            LoftQConfig.from_dict(self.loftq_config)  # its checks (bits, iterations, keys)
         elif self.loftq_config:
             warnings.warn("LoraConfig.loftq_config is ignored because init_lora_weights is not 'loftq'")
             self.loftq_config = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from typing import Any, Optional, Union
 
@@ -644,6 +645,12 @@ class Conv2d(_ConvNd):
 def dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> Optional[nn.Module]:
     """The LoRA layer for `target` (a plain module or an adapter layer of another method), or None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if "fastpeft.quant.nf4" in sys.modules:  # an NF4 layer can only exist once its module is imported
+        from .nf4 import dispatch_nf4
+
+        new_module = dispatch_nf4(target, adapter_name, config, **kwargs)
+        if new_module is not None:
+            return new_module
     conv1d = _conv1d_class()
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, config=config, **kwargs)

@@ -1,8 +1,10 @@
 """`LoraModel`: injects LoRA / DoRA layers into a model (peft's LoraModel interface and state-dict keys)."""
 from __future__ import annotations
 
-from typing import Union
+import warnings
+from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from ..base import BaseTuner, BaseTunerLayer, get_pattern_key
@@ -62,8 +64,9 @@ class LoraModel(BaseTuner):
         peft_config: a `LoraConfig`, or a dict adapter name -> `LoraConfig`.
         adapter_name: the name of the adapter to create (default "default").
 
-    Layers supported: nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d. The result has
-    peft's structure, so `state_dict()` keys are the ones peft produces for the same model and config.
+    Layers supported: nn.Linear, fastpeft's LinearNF4 (QLoRA), transformers' Conv1D, nn.Embedding, nn.Conv1d,
+    nn.Conv2d. The result has peft's structure, so `state_dict()` keys are the ones peft produces for the same
+    model and config.
     """
 
     prefix: str = "lora_"
@@ -77,6 +80,15 @@ class LoraModel(BaseTuner):
             raise NotImplementedError(
                 f"fastpeft's LoRA does not support these LoraConfig settings yet: {', '.join(unsupported)}"
             )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """BaseTuner.inject_adapter; with init_lora_weights="loftq", one tqdm bar counts the LoftQ layers."""
+        if getattr(self.peft_config[adapter_name], "init_lora_weights", None) != "loftq":
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        from ...quant.loftq import loftq_progress
+
+        with loftq_progress():
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: LoraConfig, model_config: dict) -> LoraConfig:
         if peft_config.target_modules is None:
@@ -111,11 +123,45 @@ class LoraModel(BaseTuner):
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
             raise ValueError(
                 f"Target module {type(base).__name__} is not supported. Currently, only the following modules are "
-                "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
-                "`transformers.pytorch_utils.Conv1D`."
+                "supported: `torch.nn.Linear`, `fastpeft.LinearNF4`, `torch.nn.Embedding`, `torch.nn.Conv1d`, "
+                "`torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
             )
         return new_module
 
     def _check_merge_allowed(self) -> None:
         if getattr(self.model, "quantization_method", None) == "gptq":
             raise ValueError("Cannot merge LORA layers when the model is gptq quantized")
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+        *, requantize: bool = False, dtype: Optional[torch.dtype] = None,
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model (no adapter layers).
+
+        LoRA layers on fastpeft NF4 layers (QLoRA) are replaced by an ``nn.Linear`` holding
+        ``dequant(W) + dW`` (DoRA: rescaled), merged in float32 and stored in ``dtype`` (default: the NF4
+        layer's ``compute_dtype``, else its original weight dtype), so the merge adds no quantisation
+        error. With ``requantize=True`` they are replaced by a new ``LinearNF4`` of the merged weight
+        instead (same blocksize, double quantisation and compute dtype; ``dtype`` is then unused). That
+        adds NF4 rounding error, which is measured per layer against the float32 merged weight
+        (max abs and relative Frobenius error), logged (logger ``fastpeft.qlora``, INFO per layer),
+        summarised in a warning, and kept: ``model.nf4_requantization_report`` (a
+        :class:`~fastpeft.tuners.lora.nf4.RequantizationReport`) and each layer's
+        ``requantization_error``. Layers on other base layers merge as usual.
+        """
+        self._check_merge_allowed()
+        model = self._unload_and_optionally_merge(
+            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names,
+            merge_kwargs={"requantize": requantize, "dtype": dtype},
+        )
+        if requantize:
+            from .nf4 import RequantizationReport, logger
+
+            report = RequantizationReport(dict(self._merge_infos))
+            for name, err in report.layers.items():
+                logger.info("re-quantised %s: max abs error %.3e, relative Frobenius error %.3e",
+                            name, err.max_abs, err.rel_fro)
+            if report.layers:
+                warnings.warn(str(report))
+            model.nf4_requantization_report = report
+        return model
