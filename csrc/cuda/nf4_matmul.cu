@@ -7,14 +7,21 @@
 // [c, c + 8) of one row with c a multiple of 8. A group's 8 nibbles span at most two aligned
 // 32-bit words (word e / 8 and the next one); the words are byte-swapped so that element order is
 // MSB first, then a funnel shift by 4 * (e % 8) bits lines the group up. The group spans at most
-// two quantisation blocks (blocksize >= 32 > 8). A weight is decoded as code * absmax in fp32 and
-// rounded once to the compute dtype T (x's dtype), as the schema says; products accumulate in fp32.
+// two quantisation blocks (blocksize >= 32 > 8). A weight is code * absmax in fp32; products
+// accumulate in fp32. Where a kernel feeds W to cuBLAS or the tensor cores, the decoded weight is
+// rounded once to the compute dtype T (x's dtype), as the schema says; the CUDA-core gemv instead
+// accumulates absmax * sum_j code_j x_j in fp32 (the weight is not rounded to T: within T's
+// rounding of the reference, and no instruction spent on it).
 //
 // Paths:
-//   nf4_linear, N <= kGemvMaxRows rows:  gemv kernel. Grid (k-splits, row tiles); a block stages the
-//     x tile [NR, KT] (T, zero padded) in shared memory, each warp takes rows of its tile in turn and
-//     each lane one group per step (8 weights, FMAs against NR rows of x), then a warp-shuffle sum.
-//     With one k-split the epilogue (bias, cast) is in the kernel; otherwise fp32 partials
+//   nf4_linear, N <= kGemvMaxRows (16) rows:
+//     - 2-byte T and N > kMmaMinRows (4): tensor-core gemv (nf4_gemv_mma_kernel, mma.sync m16n8k16,
+//       16 rows of W per warp decoded straight into A fragments, x from shared memory as B);
+//       FASTPEFT_NF4_MMA=0 in the environment turns it off;
+//     - otherwise the CUDA-core gemv (nf4_gemv_kernel). Grid (k-splits, row tiles); a block stages
+//       the x tile [NR, KT] (T, zero padded) in shared memory, each warp takes RPW rows at a time and
+//       each lane one group per step (8 weights, FMAs against NR rows of x), then a warp-shuffle sum.
+//     Both: with one k-split the epilogue (bias, cast) is in the kernel; otherwise fp32 partials
 //     [splits, N, out] and a deterministic reduction kernel (fixed split order) finish y.
 //   nf4_linear, more rows:  bands of W's rows dequantised into a T scratch (<= kBandBytes) and
 //     cuBLAS (at::addmm_out / at::mm_out) writes y[:, band] on the current stream.
@@ -24,6 +31,7 @@
 //     and sum across warps in shared memory; fp32 partials [splits, N, in] reduced as above.
 //   nf4_linear_grad_input, more rows:  bands of W's COLUMNS dequantised into a T scratch
 //     [out, band] and grad_x[:, band] = grad_y . scratch (at::mm_out): no accumulation across bands.
+// Everything runs on torch's current stream with no host synchronisation (CUDA-graph capturable).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -188,6 +196,33 @@ __device__ __forceinline__ void load8<float>(const float* p, float (&v)[8]) {
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
+// Stages rows [0, NROWS) x columns [k0, k0 + KT) of x (contiguous [N, in]) into shared memory
+// (row stride `stride` elements), zeros past N rows or klen columns. With x_vec (x 16-byte aligned
+// and in a multiple of 16 / sizeof(T) elements) in 16-byte loads, else element by element.
+template <class T, int NROWS>
+__device__ __forceinline__ void stage_x(T* xs, int stride, const T* __restrict__ x, int64_t N, int64_t in, int64_t k0,
+                                        int KT, int klen, bool x_vec) {
+  if (x_vec) {
+    constexpr int V = 16 / sizeof(T);
+    const int per_row = KT / V;  // KT is a multiple of 64
+#pragma unroll 4
+    for (int i = threadIdx.x; i < NROWS * per_row; i += kThreads) {
+      const int n = i / per_row;
+      const int k = (i - n * per_row) * V;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (n < N && k < klen) v = __ldg(reinterpret_cast<const uint4*>(x + n * in + k0 + k));
+      *reinterpret_cast<uint4*>(xs + n * stride + k) = v;
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < NROWS * KT; i += kThreads) {
+      const int n = i / KT;
+      const int k = i - n * KT;
+      xs[n * stride + k] = (n < N && k < klen) ? x[n * in + k0 + k] : T(0.0f);
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -202,7 +237,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // absmax * sum_j code_j x_j (fp32), i.e. not rounded to T first.
 template <class T, int NR, int RPW>
 __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restrict__ x, int64_t N, int64_t out,
-                                                            int64_t in, int KT, WeightView w,
+                                                            int64_t in, int KT, bool x_vec, WeightView w,
                                                             const T* __restrict__ bias, T* __restrict__ y,
                                                             float* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -211,11 +246,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restri
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KT;
   const int klen = static_cast<int>(std::min<int64_t>(KT, in - k0));
   if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
-  for (int i = threadIdx.x; i < NR * KT; i += kThreads) {
-    const int n = i / KT;
-    const int k = i - n * KT;
-    xs[i] = (n < N && k < klen) ? x[n * in + k0 + k] : T(0.0f);
-  }
+  stage_x<T, NR>(xs, KT, x, N, in, k0, KT, klen, x_vec);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
   const int warp = threadIdx.x >> 5;
@@ -342,7 +373,7 @@ __device__ __forceinline__ void decode16_packed(const WeightView& w, const float
 
 template <class T, int NB>
 __global__ void __launch_bounds__(kThreads) nf4_gemv_mma_kernel(const T* __restrict__ x, int64_t N, int64_t out,
-                                                                int64_t in, int KT, WeightView w,
+                                                                int64_t in, int KT, bool x_vec, WeightView w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
                                                                 float* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -353,11 +384,7 @@ __global__ void __launch_bounds__(kThreads) nf4_gemv_mma_kernel(const T* __restr
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KT;
   const int klen = static_cast<int>(std::min<int64_t>(KT, in - k0));
   if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
-  for (int i = threadIdx.x; i < NB * 8 * KT; i += kThreads) {
-    const int n = i / KT;
-    const int k = i - n * KT;
-    xs[n * KTP + k] = (n < N && k < klen) ? x[n * in + k0 + k] : T(0.0f);
-  }
+  stage_x<T, NB * 8>(xs, KTP, x, N, in, k0, KT, klen, x_vec);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
   const int warp = threadIdx.x >> 5;
@@ -585,6 +612,12 @@ void launch_reduce(const at::Tensor& partial, int splits, int64_t N, int64_t M, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// x (contiguous [N, in]) can be staged in 16-byte loads.
+inline bool x_vec_ok(const at::Tensor& x) {
+  const int64_t v = 16 / x.element_size();
+  return x.size(1) % v == 0 && (reinterpret_cast<uintptr_t>(x.const_data_ptr()) & 15u) == 0;
+}
+
 template <class T, int NR>
 void launch_gemv(const at::Tensor& x, const PreparedWeight& pw, const at::Tensor& bias, at::Tensor& y,
                  cudaStream_t stream) {
@@ -606,7 +639,7 @@ void launch_gemv(const at::Tensor& x, const PreparedWeight& pw, const at::Tensor
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, N, out}, x.options().dtype(at::kFloat));
   nf4_gemv_kernel<T, NR, RPW><<<dim3(static_cast<unsigned>(splits), grid_y), kThreads, smem, stream>>>(
-      x.const_data_ptr<T>(), N, out, in, static_cast<int>(KT), pw.view, b, y.mutable_data_ptr<T>(),
+      x.const_data_ptr<T>(), N, out, in, static_cast<int>(KT), x_vec_ok(x), pw.view, b, y.mutable_data_ptr<T>(),
       splits > 1 ? partial.mutable_data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) launch_reduce<T>(partial, static_cast<int>(splits), N, out, b, y.mutable_data_ptr<T>(), stream);
@@ -629,7 +662,7 @@ void launch_gemv_mma(const at::Tensor& x, const PreparedWeight& pw, const at::Te
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, N, out}, x.options().dtype(at::kFloat));
   nf4_gemv_mma_kernel<T, NB><<<dim3(static_cast<unsigned>(splits), grid_y), kThreads, smem, stream>>>(
-      x.const_data_ptr<T>(), N, out, in, static_cast<int>(KT), pw.view, b, y.mutable_data_ptr<T>(),
+      x.const_data_ptr<T>(), N, out, in, static_cast<int>(KT), x_vec_ok(x), pw.view, b, y.mutable_data_ptr<T>(),
       splits > 1 ? partial.mutable_data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) launch_reduce<T>(partial, static_cast<int>(splits), N, out, b, y.mutable_data_ptr<T>(), stream);
