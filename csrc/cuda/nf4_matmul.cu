@@ -20,7 +20,9 @@
 //       FASTPEFT_NF4_MMA=0 in the environment turns it off;
 //     - otherwise the CUDA-core gemv (nf4_gemv_kernel). Grid (k-splits, row tiles); a block stages
 //       the x tile [NR, KT] (T, zero padded) in shared memory, each warp takes RPW rows at a time and
-//       each lane one group per step (8 weights, FMAs against NR rows of x), then a warp-shuffle sum.
+//       each lane one group per row per step (8 weights, FMAs against NR rows of x), then a
+//       warp-shuffle sum. For 1-2 rows of x (memory-bound) a lane first issues the loads of U groups
+//       (packed words, absmax) and only then decodes them, to keep several loads in flight.
 //     Both: with one k-split the epilogue (bias, cast) is in the kernel; otherwise fp32 partials
 //     [splits, N, out] and a deterministic reduction kernel (fixed split order) finish y.
 //   nf4_linear, more rows:  bands of W's rows dequantised into a T scratch (<= kBandBytes) and
@@ -112,13 +114,6 @@ __device__ __forceinline__ float round_to<float>(float v) {
   return v;
 }
 
-__device__ __forceinline__ float block_absmax(const WeightView& w, int64_t b, float off) {
-  if (w.absmax != nullptr) return __ldg(w.absmax + b);
-  // blockwise8_dequantize (code[q] * nested absmax, rounded) then + offset, as float_absmax() does.
-  const float c = __ldg(w.nested_code + __ldg(w.absmax_q + b));
-  return __fadd_rn(__fmul_rn(c, __ldg(w.nested_absmax + (b >> 8))), off);
-}
-
 // 32-bit word `wi` of the packed bytes (little endian); bytes past the end read as 0.
 __device__ __forceinline__ uint32_t load_word(const WeightView& w, int64_t wi) {
   if ((wi + 1) * 4 <= w.nbytes) return __ldg(reinterpret_cast<const uint32_t*>(w.packed) + wi);
@@ -138,29 +133,76 @@ __device__ __forceinline__ float lut_at(const float* lut, uint32_t v, int j) {
   return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(lut) + off);
 }
 
-// Flat elements [e, e + 8) of W as c[j] * scale: c[j] the codebook values and scale the block's
-// absmax; when the 8 elements straddle two blocks, c[j] already holds code * absmax (rounded in
-// fp32, as the plain decode) and scale = 1. Elements j >= valid give c[j] = 0.
-__device__ __forceinline__ float decode_codes(const WeightView& w, const float* __restrict__ lut, int64_t e,
-                                              int valid, float off, float (&c)[8]) {
+// A group's raw loads (phase 1 of a decode): the two packed words, the block's absmax (or, double
+// quantised, its 8-bit code and nested absmax), and those of the next block when the group straddles
+// one. Every condition here depends on indices only, so a caller can issue the loads of several
+// groups back to back before using any of them.
+struct GroupRaw {
+  uint32_t w0, w1;  // packed words e / 8 and e / 8 + 1 (w1 only when ph != 0)
+  float m0, m1;     // absmax, or nested absmax when double quantised (m1: next block)
+  uint32_t q0, q1;  // 8-bit absmax codes when double quantised
+  int ph;           // e % 8
+  int split;        // elements of the group before the next block (8: none)
+  bool has1;        // the next block's values were loaded
+};
+
+__device__ __forceinline__ void load_raw(const WeightView& w, int64_t e, GroupRaw& r) {
   const int64_t wi = e >> 3;
-  const int ph = static_cast<int>(e & 7);
-  const uint32_t b0 = __byte_perm(load_word(w, wi), 0u, 0x0123);  // MSB nibble = first element
-  uint32_t v = b0;
-  if (ph != 0) {
-    const uint32_t b1 = __byte_perm(load_word(w, wi + 1), 0u, 0x0123);
-    v = __funnelshift_l(b1, b0, 4 * ph);  // top 32 bits of (b0:b1) << 4 ph
-  }
+  r.ph = static_cast<int>(e & 7);
+  r.w0 = load_word(w, wi);
+  r.w1 = r.ph != 0 ? load_word(w, wi + 1) : 0u;
   const int64_t b = e >> w.log2_bs;
-  const int64_t split = ((b + 1) << w.log2_bs) - e;  // elements before the next block
-  const float a0 = block_absmax(w, b, off);
+  r.split = static_cast<int>(std::min<int64_t>(8, ((b + 1) << w.log2_bs) - e));
+  r.has1 = r.split < 8 && b + 1 < w.nblocks;
+  r.m1 = 0.0f;
+  r.q0 = r.q1 = 0u;
+  if (w.absmax != nullptr) {
+    r.m0 = __ldg(w.absmax + b);
+    if (r.has1) r.m1 = __ldg(w.absmax + b + 1);
+  } else {
+    r.q0 = __ldg(w.absmax_q + b);
+    r.m0 = __ldg(w.nested_absmax + (b >> 8));
+    if (r.has1) {
+      r.q1 = __ldg(w.absmax_q + b + 1);
+      r.m1 = __ldg(w.nested_absmax + ((b + 1) >> 8));
+    }
+  }
+}
+
+// Phase 2: elements [e, e + 8) as c[j] * scale (the return value): c[j] the codebook values and
+// scale the block's absmax; when the group straddles two blocks, c[j] already holds code * absmax
+// (rounded in fp32, as the plain decode) and scale = 1. Elements j >= valid give c[j] = 0.
+// `tab` is the shared table: [0, 16) the NF4 codebook, [16, 272) the nested 8-bit codebook.
+// Double quant: absmax = nested_code[q] * nested_absmax + offset (blockwise8_dequantize, then the
+// offset, each rounded in fp32 as float_absmax() does).
+__device__ __forceinline__ float finish_raw(const GroupRaw& r, const float* __restrict__ tab, bool nested, float off,
+                                            int valid, float (&c)[8]) {
+  const uint32_t b0 = __byte_perm(r.w0, 0u, 0x0123);  // MSB nibble = first element
+  uint32_t v = b0;
+  if (r.ph != 0) v = __funnelshift_l(__byte_perm(r.w1, 0u, 0x0123), b0, 4 * r.ph);  // top 32 bits of (b0:b1) << 4 ph
+  const float a0 = nested ? __fadd_rn(__fmul_rn(tab[16 + r.q0], r.m0), off) : r.m0;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) c[j] = j < valid ? lut_at(lut, v, j) : 0.0f;
-  if (split >= 8) return a0;
-  const float a1 = b + 1 < w.nblocks ? block_absmax(w, b + 1, off) : a0;
+  for (int j = 0; j < 8; ++j) c[j] = j < valid ? lut_at(tab, v, j) : 0.0f;
+  if (r.split >= 8) return a0;
+  const float a1 = !r.has1 ? a0 : nested ? __fadd_rn(__fmul_rn(tab[16 + r.q1], r.m1), off) : r.m1;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) c[j] = __fmul_rn(c[j], j < split ? a0 : a1);
+  for (int j = 0; j < 8; ++j) c[j] = __fmul_rn(c[j], j < r.split ? a0 : a1);
   return 1.0f;
+}
+
+// Both phases for one group.
+__device__ __forceinline__ float decode_codes(const WeightView& w, const float* __restrict__ tab, int64_t e, int valid,
+                                              float off, float (&c)[8]) {
+  GroupRaw r;
+  load_raw(w, e, r);
+  return finish_raw(r, tab, w.absmax == nullptr, off, valid, c);
+}
+
+// Every kernel's shared table: the NF4 codebook, then the nested codebook when double quantised.
+constexpr int kTableSize = 16 + 256;
+__device__ __forceinline__ void stage_tables(float* tab, const WeightView& w) {
+  for (int i = threadIdx.x; i < kTableSize; i += blockDim.x)
+    tab[i] = i < 16 ? kCodeDev[i] : (w.nested_code != nullptr ? __ldg(w.nested_code + (i - 16)) : 0.0f);
 }
 
 // The 8 decoded weights code * absmax (fp32, one rounding) rounded to T; elements j >= valid are 0.
@@ -231,6 +273,25 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- kernels ----------------------------------------------------------------------------------------
 
+// acc[r][n] += a[r] * sum_j c[r][j] x[n][j] for one group: x from shared memory (xs: the group's
+// first column of row 0, rows `stride` apart).
+template <class T, int NR, int RPW>
+__device__ __forceinline__ void group_fma(const T* xs, int stride, const float (&c)[RPW][8], const float (&a)[RPW],
+                                          float (&acc)[RPW][NR]) {
+#pragma unroll
+  for (int n = 0; n < NR; ++n) {
+    float xv[8];
+    load8<T>(xs + n * stride, xv);
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      float s = c[r][0] * xv[0];
+#pragma unroll
+      for (int j = 1; j < 8; ++j) s = fmaf(c[r][j], xv[j], s);
+      acc[r][n] = fmaf(a[r], s, acc[r][n]);
+    }
+  }
+}
+
 // y = x W^T (+ bias): see the file comment. NR >= N rows of x; KT (multiple of 256) columns per
 // k-split; each warp owns RPW consecutive rows of W per row tile (tile = kWarps * RPW rows) and reads
 // a column group of x from shared memory once for all RPW rows. The weights are accumulated as
@@ -241,14 +302,15 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restri
                                                             const T* __restrict__ bias, T* __restrict__ y,
                                                             float* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float lut[16];
+  __shared__ float lut[kTableSize];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KT;
   const int klen = static_cast<int>(std::min<int64_t>(KT, in - k0));
-  if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
+  stage_tables(lut, w);
   stage_x<T, NR>(xs, KT, x, N, in, k0, KT, klen, x_vec);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
+  const bool nested = w.absmax == nullptr;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int ngroups = (klen + 7) >> 3;
@@ -263,32 +325,55 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restri
     for (int r = 0; r < RPW; ++r)
 #pragma unroll
       for (int n = 0; n < NR; ++n) acc[r][n] = 0.0f;
-    // Few rows of x: memory-bound, unrolled so several groups' loads are in flight per lane.
-#pragma unroll(NR <= 2 ? 4 : 1)
-    for (int g = lane; g < ngroups; g += 32) {
-      const int col = g << 3;
-      float c[RPW][8];
-      float a[RPW];
-#pragma unroll
-      for (int r = 0; r < RPW; ++r) {
-        if (r < nrows) {
-          a[r] = decode_codes(w, lut, (o0 + r) * in + k0 + col, klen - col, off, c[r]);
-        } else {
-          a[r] = 0.0f;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) c[r][j] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NR; ++n) {
-        float xv[8];
-        load8<T>(xs + n * KT + col, xv);
+    // U groups per lane per step: all their loads first (phase 1), then decode and FMAs, so that
+    // few-row (memory-bound) calls keep several loads in flight per lane.
+    // (More rows of x: compute-bound, one group at a time keeps the registers for the FMAs.)
+    constexpr int U = NR == 1 ? 4 : (NR == 2 ? 2 : 1);
+    if constexpr (U == 1) {
+      for (int g = lane; g < ngroups; g += 32) {
+        const int col = g << 3;
+        float c[RPW][8];
+        float a[RPW];
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
-          float s = c[r][0] * xv[0];
+          if (r < nrows) {
+            a[r] = decode_codes(w, lut, (o0 + r) * in + k0 + col, klen - col, off, c[r]);
+          } else {
+            a[r] = 0.0f;
 #pragma unroll
-          for (int j = 1; j < 8; ++j) s = fmaf(c[r][j], xv[j], s);
-          acc[r][n] = fmaf(a[r], s, acc[r][n]);
+            for (int j = 0; j < 8; ++j) c[r][j] = 0.0f;
+          }
+        }
+        group_fma<T, NR, RPW>(xs + col, KT, c, a, acc);
+      }
+    } else {
+      for (int g0 = lane; g0 < ngroups; g0 += 32 * U) {
+        GroupRaw raw[U][RPW];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int g = g0 + 32 * u;
+#pragma unroll
+          for (int r = 0; r < RPW; ++r)
+            if (g < ngroups && r < nrows) load_raw(w, (o0 + r) * in + k0 + (g << 3), raw[u][r]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int g = g0 + 32 * u;
+          if (g >= ngroups) break;
+          const int col = g << 3;
+          float c[RPW][8];
+          float a[RPW];
+#pragma unroll
+          for (int r = 0; r < RPW; ++r) {
+            if (r < nrows) {
+              a[r] = finish_raw(raw[u][r], lut, nested, off, klen - col, c[r]);
+            } else {
+              a[r] = 0.0f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j) c[r][j] = 0.0f;
+            }
+          }
+          group_fma<T, NR, RPW>(xs + col, KT, c, a, acc);
         }
       }
     }
@@ -377,13 +462,13 @@ __global__ void __launch_bounds__(kThreads) nf4_gemv_mma_kernel(const T* __restr
                                                                 const T* __restrict__ bias, T* __restrict__ y,
                                                                 float* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float lut[16];
+  __shared__ float lut[kTableSize];
   __shared__ float red[4][NB * 4][32];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int KTP = KT + 8;  // padded row: conflict-free 16-byte fragment loads
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * KT;
   const int klen = static_cast<int>(std::min<int64_t>(KT, in - k0));
-  if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
+  stage_tables(lut, w);
   stage_x<T, NB * 8>(xs, KTP, x, N, in, k0, KT, klen, x_vec);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
@@ -476,9 +561,9 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_t_kernel(const T* __rest
                                                               int64_t in, int64_t rows_per_split, WeightView w,
                                                               T* __restrict__ gx,
                                                               float* __restrict__ partial) {
-  __shared__ float lut[16];
+  __shared__ float lut[kTableSize];
   __shared__ float red[kWarps][kThreads];
-  if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
+  stage_tables(lut, w);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
   const int warp = threadIdx.x >> 5;
@@ -532,8 +617,8 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_t_kernel(const T* __rest
 template <class T>
 __global__ void nf4_dequant_tile_kernel(WeightView w, int64_t in, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
                                         bool vec_store, T* __restrict__ scratch) {
-  __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = kCodeDev[threadIdx.x];
+  __shared__ float lut[kTableSize];
+  stage_tables(lut, w);
   __syncthreads();
   const float off = w.offset != nullptr ? __ldg(w.offset) : 0.0f;
   const int64_t j0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) << 3;
