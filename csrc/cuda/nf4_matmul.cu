@@ -332,18 +332,11 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restri
     if constexpr (U == 1) {
       for (int g = lane; g < ngroups; g += 32) {
         const int col = g << 3;
-        float c[RPW][8];
-        float a[RPW];
+        float c[RPW][8] = {};  // rows past `out` stay 0
+        float a[RPW] = {};
 #pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-          if (r < nrows) {
-            a[r] = decode_codes(w, lut, (o0 + r) * in + k0 + col, klen - col, off, c[r]);
-          } else {
-            a[r] = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) c[r][j] = 0.0f;
-          }
-        }
+        for (int r = 0; r < RPW; ++r)
+          if (r < nrows) a[r] = decode_codes(w, lut, (o0 + r) * in + k0 + col, klen - col, off, c[r]);
         group_fma<T, NR, RPW>(xs + col, KT, c, a, acc);
       }
     } else {
@@ -361,18 +354,11 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const T* __restri
           const int g = g0 + 32 * u;
           if (g >= ngroups) break;
           const int col = g << 3;
-          float c[RPW][8];
-          float a[RPW];
+          float c[RPW][8] = {};
+          float a[RPW] = {};
 #pragma unroll
-          for (int r = 0; r < RPW; ++r) {
-            if (r < nrows) {
-              a[r] = finish_raw(raw[u][r], lut, nested, off, klen - col, c[r]);
-            } else {
-              a[r] = 0.0f;
-#pragma unroll
-              for (int j = 0; j < 8; ++j) c[r][j] = 0.0f;
-            }
-          }
+          for (int r = 0; r < RPW; ++r)
+            if (r < nrows) a[r] = finish_raw(raw[u][r], lut, nested, off, klen - col, c[r]);
           group_fma<T, NR, RPW>(xs + col, KT, c, a, acc);
         }
       }
