@@ -104,15 +104,6 @@ void decode_segment(const View& w, int64_t e0, int64_t len, T* out, bool avx512)
   }
 }
 
-// W[o0 : o0 + rows, c0 : c0 + cols] into out [rows, cols], rows split over threads.
-template <class T>
-void decode_tile(const View& w, int64_t o0, int64_t rows, int64_t c0, int64_t cols, T* out) {
-  const bool avx = use_avx512();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) decode_segment(w, (o0 + r) * w.in + c0, cols, out + r * cols, avx);
-  });
-}
 
 // ---- portable few-row loops -------------------------------------------------------------------
 
@@ -289,6 +280,33 @@ FASTPEFT_AVX512 void grad_chunk_f32(const View& w, const float* gT, int64_t N, i
   }
 }
 
+// W.flat[e0 : e0 + len] (e0, len multiples of 128) dequantised into out in stream order: out[k +
+// 16 s + j] = W.flat[e0 + k + 8 j + (s ^ 1)], i.e. reorder_row(.., 8, ..)'s column order.
+template <class T>
+FASTPEFT_AVX512 void decode_streams(const View& w, int64_t e0, int64_t len, T* out) {
+  const __m512 tab = _mm512_loadu_ps(kCode);
+  for (int64_t k = 0; k < len; k += kChunk) {
+    const __m512i v = _mm512_loadu_si512(w.p + (e0 + k) / 2);
+    const __m512 sc = chunk_scale(w.sc, e0 + k, w.bs);
+    for (int s = 0; s < 8; ++s)
+      store16(out + k + 16 * s, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s), tab), sc));
+  }
+}
+
+// decode_streams for bf16 with the hardware's round-to-nearest-even conversion (two vectors per op).
+FASTPEFT_AVX512BF16 void decode_streams_bf16(const View& w, int64_t e0, int64_t len, c10::BFloat16* out) {
+  const __m512 tab = _mm512_loadu_ps(kCode);
+  for (int64_t k = 0; k < len; k += kChunk) {
+    const __m512i v = _mm512_loadu_si512(w.p + (e0 + k) / 2);
+    const __m512 sc = chunk_scale(w.sc, e0 + k, w.bs);
+    for (int s = 0; s < 8; s += 2) {
+      const __m512 a = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s), tab), sc);
+      const __m512 b = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s + 4), tab), sc);
+      _mm512_storeu_si512(out + k + 16 * s, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
 template <class F>
 void dispatch_rows(int64_t rows, F&& f) {
   switch (rows) {
@@ -307,6 +325,56 @@ void dispatch_rows(int64_t rows, F&& f) {
 bool fast_shape(const View& w) {
   return use_avx512() && w.in % kChunk == 0;
 }
+
+// W[o0 : o0 + rows, c0 : c0 + cols] into out [rows, cols], rows split over threads; with
+// `streams` (fast_shape, c0 and cols multiples of 128) the columns come in decode_streams' order.
+template <class T>
+void decode_tile(const View& w, int64_t o0, int64_t rows, int64_t c0, int64_t cols, T* out, bool streams) {
+  const bool avx = use_avx512();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e0 = (o0 + r) * w.in + c0;
+#ifdef FASTPEFT_NF4_AVX512
+      if (streams) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (use_avx512bf16()) {
+            decode_streams_bf16(w, e0, cols, out + r * cols);
+            continue;
+          }
+        }
+        decode_streams(w, e0, cols, out + r * cols);
+        continue;
+      }
+#endif
+      decode_segment(w, e0, cols, out + r * cols, avx);
+    }
+  });
+}
+
+// out [N, in] = x [N, in] with the columns of every 128-chunk in stream order (or back with `inverse`).
+template <class T>
+void reorder_columns(const at::Tensor& x, at::Tensor& out, bool inverse) {
+  const int64_t N = x.size(0), in = x.size(1);
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t os0 = out.stride(0);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < in; k += kChunk)
+        for (int s = 0; s < 8; ++s)
+          for (int j = 0; j < 16; ++j) {
+            const int64_t a = k + 16 * s + j, b = k + 8 * j + (s ^ 1);  // stream order <- natural
+            if (inverse) {
+              op[n * os0 + b] = xp[n * xs0 + a * xs1];
+            } else {
+              op[n * os0 + a] = xp[n * xs0 + b * xs1];
+            }
+          }
+  });
+}
+
 
 // Rows up to which the one-pass kernels beat decode-a-band + GEMM (FASTPEFT_NF4_GEMV_ROWS overrides).
 int64_t gemv_rows() {
@@ -443,17 +511,24 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
           st(yp[n * out_features + o], yacc[n * out_features + o] + (bp != nullptr ? ld(bp[o]) : 0.0f));
       return;
     }
+    // With the fast decode the band's columns (and x's, to match) are in stream order.
+    const bool streams = fast_shape(w);
+    at::Tensor xs = x;
+    if (streams) {
+      xs = at::empty({N, in}, x.options());
+      reorder_columns<T>(x, xs, false);
+    }
     const int64_t band = std::min(out_features, band_size(in, sizeof(T)));
     at::Tensor buf = cpu::scratch(2, band, in, x.options());
     for (int64_t o0 = 0; o0 < out_features; o0 += band) {
       const int64_t rows = std::min(band, out_features - o0);
       at::Tensor tile = buf.narrow(0, 0, rows);
-      decode_tile(w, o0, rows, 0, in, tile.mutable_data_ptr<T>());
+      decode_tile(w, o0, rows, 0, in, tile.mutable_data_ptr<T>(), streams);
       at::Tensor yb = y.narrow(1, o0, rows);
       if (has_bias) {
-        at::addmm_out(yb, bias->narrow(0, o0, rows), x, tile.t());
+        at::addmm_out(yb, bias->narrow(0, o0, rows), xs, tile.t());
       } else {
-        at::mm_out(yb, x, tile.t());
+        at::mm_out(yb, xs, tile.t());
       }
     }
   });
@@ -483,15 +558,21 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
       return;
     }
     // Column bands: each GEMM sums over all of out in fp32 (row bands would round grad_x per band).
-    const int64_t band = std::min(in_features, band_size(out, sizeof(T)));
+    // With the fast decode the band's columns come in stream order: the GEMM writes a stream-order
+    // grad_x, put back in natural order at the end.
+    const bool streams = fast_shape(w);
+    at::Tensor gs = streams ? at::empty({N, in_features}, grad_y.options()) : gx;
+    int64_t band = std::min(in_features, band_size(out, sizeof(T)));
+    if (streams) band = std::max(kChunk, band / kChunk * kChunk);
     at::Tensor buf = cpu::scratch(2, out, band, grad_y.options());
     for (int64_t c0 = 0; c0 < in_features; c0 += band) {
       const int64_t cols = std::min(band, in_features - c0);
       at::Tensor tile = buf.view(-1).narrow(0, 0, out * cols).view({out, cols});
-      decode_tile(w, 0, out, c0, cols, tile.mutable_data_ptr<T>());
-      at::Tensor gb = gx.narrow(1, c0, cols);
+      decode_tile(w, 0, out, c0, cols, tile.mutable_data_ptr<T>(), streams);
+      at::Tensor gb = gs.narrow(1, c0, cols);
       at::mm_out(gb, grad_y, tile);
     }
+    if (streams) reorder_columns<T>(gs, gx, true);
   });
   return gx;
 }
