@@ -16,7 +16,7 @@ from fastpeft.quant.nf4 import dequantize_nf4, quantize_nf4
 
 fp = torch.ops.fastpeft
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The one-pass (few rows) kernels serve N <= 16 by default, bands + GEMM above: both sides appear.
+# The one-pass (few rows) kernels serve N <= 32 (forward) / 16 (grad_input), bands + GEMM above.
 ROWS = [0, 1, 2, 3, 7, 16, 33, 200]
 # in % 128 == 0 takes the AVX-512 kernels; the others the portable ones (rows starting mid-byte,
 # blocks straddling rows).

@@ -9,8 +9,9 @@
 
 namespace fastpeft::cpu {
 
-// Slots used: 0, 1 - the lora drivers' row chunks; 2 - the NF4 matmul's dequantised weight tile.
-constexpr int kScratchSlots = 3;
+// Slots used: 0, 1 - the lora drivers' row chunks; 2 - the NF4 matmul's dequantised weight tile;
+// 3 - the NF4 matmul's decoded absmax.
+constexpr int kScratchSlots = 4;
 
 // An uninitialised contiguous [rows, cols] buffer, valid until the next scratch() call with the
 // same slot on this thread. One growing byte buffer per slot and thread, reused across calls;

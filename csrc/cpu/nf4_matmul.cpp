@@ -1,7 +1,7 @@
 // CPU kernels of the fused NF4 matmul: nf4_linear (y = x W^T + b) and nf4_linear_grad_input
 // (grad_x = grad_y W) with W [out, in] in bitsandbytes' NF4 format. W is never dequantised whole.
 //
-//   few rows (N <= gemv_rows()): one pass over the packed bytes, threads split the output rows
+//   few rows (N <= few_rows_limit()): one pass over the packed bytes, threads split the output rows
 //     (forward) or the input columns (grad_input, so no cross-thread reduction). With AVX-512 and
 //     in % 128 == 0, 64 packed bytes (128 weights) are decoded per step with in-register lookups
 //     (vpermw into bf16 codes for bf16 x and vdpbf16ps; vpermps into fp32 codes otherwise); x is
@@ -39,19 +39,10 @@ using namespace nf4;
 using cpu::ld;
 using cpu::st;
 
-// The block absmax, decoded on the fly: absmax[b], or nested_code[absmax[b]] * nested_absmax[b / 256]
-// + offset for a double-quantised state.
+// The float32 absmax per block (a double-quantised state is decoded once per call into a buffer).
 struct BlockScale {
   const float* f = nullptr;
-  const uint8_t* q = nullptr;
-  const float* nabs = nullptr;
-  const float* ncode = nullptr;
-  float off = 0.0f;
-  FASTPEFT_INLINE float operator()(int64_t b) const {
-    if (f != nullptr) return f[b];
-    const float v = ncode[q[b]] * nabs[b >> 8];
-    return v + off;
-  }
+  FASTPEFT_INLINE float operator()(int64_t b) const { return f[b]; }
 };
 
 struct View {
@@ -60,16 +51,59 @@ struct View {
   int64_t bs, out, in;
 };
 
-View make_view(const NF4Weight& w) {
-  View v{w.packed.const_data_ptr<uint8_t>(), {}, w.blocksize, w.out, w.in};
-  if (w.nested()) {
-    v.sc.q = w.absmax.const_data_ptr<uint8_t>();
-    v.sc.nabs = w.nested_absmax.const_data_ptr<float>();
-    v.sc.ncode = w.nested_code.const_data_ptr<float>();
-    v.sc.off = *w.offset.const_data_ptr<float>();
-  } else {
-    v.sc.f = w.absmax.const_data_ptr<float>();
+// out[b] = nested_code[q[b]] * nested_absmax[b / 256] + offset (two fp32 roundings, as the reference).
+FASTPEFT_CLONES void decode_absmax(const uint8_t* __restrict__ q, const float* __restrict__ nabs,
+                                   const float* __restrict__ ncode, float off, int64_t b0, int64_t b1,
+                                   float* __restrict__ out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float v = ncode[q[b]] * nabs[b >> 8];
+    out[b] = v + off;
   }
+}
+
+#ifdef FASTPEFT_NF4_AVX512
+// decode_absmax 16 blocks at a time from a 16-aligned b0 (one nested block each); returns where it
+// stopped (the portable loop does the rest).
+FASTPEFT_AVX512 int64_t decode_absmax_avx512(const uint8_t* q, const float* nabs, const float* ncode, float off,
+                                             int64_t b0, int64_t b1, float* out) {
+  int64_t b = b0;
+  for (; b < b1 && (b & 15) != 0; ++b) {
+    const float v = ncode[q[b]] * nabs[b >> 8];
+    out[b] = v + off;
+  }
+  const __m512 o = _mm512_set1_ps(off);
+  for (; b + 16 <= b1; b += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b)));
+    const __m512 c = _mm512_i32gather_ps(idx, ncode, 4);
+    _mm512_storeu_ps(out + b, _mm512_add_ps(_mm512_mul_ps(c, _mm512_set1_ps(nabs[b >> 8])), o));
+  }
+  return b;
+}
+#endif
+
+// `absmax_buf` keeps the decoded absmax alive for the call.
+View make_view(const NF4Weight& w, at::Tensor& absmax_buf) {
+  View v{w.packed.const_data_ptr<uint8_t>(), {}, w.blocksize, w.out, w.in};
+  if (!w.nested()) {
+    v.sc.f = w.absmax.const_data_ptr<float>();
+    return v;
+  }
+  const int64_t blocks = w.absmax.numel();
+  absmax_buf = cpu::scratch(3, 1, blocks, w.absmax.options().dtype(at::kFloat));
+  float* out = absmax_buf.mutable_data_ptr<float>();
+  const uint8_t* q = w.absmax.const_data_ptr<uint8_t>();
+  const float* nabs = w.nested_absmax.const_data_ptr<float>();
+  const float* ncode = w.nested_code.const_data_ptr<float>();
+  const float off = *w.offset.const_data_ptr<float>();
+  at::parallel_for(0, blocks, 16384, [&](int64_t b0, int64_t b1) {
+#ifdef FASTPEFT_NF4_AVX512
+    if (use_avx512()) {
+      b0 = decode_absmax_avx512(q, nabs, ncode, off, b0, b1, out);
+    }
+#endif
+    decode_absmax(q, nabs, ncode, off, b0, b1, out);
+  });
+  v.sc.f = out;
   return v;
 }
 
@@ -165,7 +199,6 @@ void grad_input_generic(const View& w, const float* gT, int64_t N, float* gacc) 
 // one vector of per-quarter absmax scales the partial sums of every stream.
 
 constexpr int64_t kChunk = 128;
-constexpr int kMaxGemvRows = 8;
 constexpr int kMaxGradRows = 3;
 
 // x row reordered for the streams above: out[k * 128 + s * lanes + j] = x[k * 128 + stride j + (s ^ 1)].
@@ -187,41 +220,55 @@ bool use_avx512bf16() {
 
 // Per-lane absmax of the 128 weights from flat index e0 (e0 % 128 == 0, blocksize >= 32).
 FASTPEFT_AVX512 FASTPEFT_INLINE __m512 chunk_scale(const BlockScale& sc, int64_t e0, int64_t bs) {
-  const int64_t b = e0 / bs;
-  if (bs >= kChunk) return _mm512_set1_ps(sc(b));
-  if (bs == 64) return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc(b)), _mm512_set1_ps(sc(b + 1)));
+  const float* f = sc.f + e0 / bs;
+  if (bs >= kChunk) return _mm512_set1_ps(*f);
+  if (bs == 64) {
+    const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(half, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)))));
+  }
   const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_setr_ps(sc(b), sc(b + 1), sc(b + 2), sc(b + 3))));
+  return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(f)));
 }
 
-// yacc[n * out + o] = x_n . W_o for NR rows of x reordered (4 streams of bf16).
-template <int NR>
+// yacc[n * out + o] = x_n . W_o for NR rows of x reordered (4 streams of bf16), OR output rows at a
+// time (each x vector loaded once for all of them).
+template <int NR, int OR>
 FASTPEFT_AVX512BF16 void gemv_bf16_rows(const View& w, const uint16_t* xs, int64_t o0, int64_t o1, float* yacc) {
   alignas(64) uint16_t codes[32];
   for (int k = 0; k < 32; ++k) codes[k] = c10::BFloat16(kCode[k & 15]).x;
   const __m512i tab = _mm512_load_si512(codes);
   const int64_t in = w.in;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* p = w.p + o * in / 2;
-    __m512 acc[NR];
-    for (int n = 0; n < NR; ++n) acc[n] = _mm512_setzero_ps();
+  int64_t o = o0;
+  for (; o + OR <= o1; o += OR) {
+    __m512 acc[OR][NR];
+    for (int r = 0; r < OR; ++r)
+      for (int n = 0; n < NR; ++n) acc[r][n] = _mm512_setzero_ps();
     for (int64_t k = 0; k < in; k += kChunk) {
-      const __m512i v = _mm512_loadu_si512(p + k / 2);
-      const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, tab);
-      const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
-      const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tab);
-      const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tab);
-      const __m512 s = chunk_scale(w.sc, o * in + k, w.bs);
+      __m512bh wv[OR][4];
+      __m512 sc[OR];
+      for (int r = 0; r < OR; ++r) {
+        const __m512i v = _mm512_loadu_si512(w.p + ((o + r) * in + k) / 2);
+        wv[r][0] = (__m512bh)_mm512_permutexvar_epi16(v, tab);
+        wv[r][1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
+        wv[r][2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tab);
+        wv[r][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tab);
+        sc[r] = chunk_scale(w.sc, (o + r) * in + k, w.bs);
+      }
       for (int n = 0; n < NR; ++n) {
         const uint16_t* xk = xs + n * in + k;
-        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xk));
-        t = _mm512_dpbf16_ps(t, w1, (__m512bh)_mm512_loadu_si512(xk + 32));
-        t = _mm512_dpbf16_ps(t, w2, (__m512bh)_mm512_loadu_si512(xk + 64));
-        t = _mm512_dpbf16_ps(t, w3, (__m512bh)_mm512_loadu_si512(xk + 96));
-        acc[n] = _mm512_fmadd_ps(t, s, acc[n]);
+        __m512 t[OR];
+        for (int q = 0; q < 4; ++q) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + 32 * q);
+          for (int r = 0; r < OR; ++r) t[r] = _mm512_dpbf16_ps(q == 0 ? _mm512_setzero_ps() : t[r], wv[r][q], xv);
+        }
+        for (int r = 0; r < OR; ++r) acc[r][n] = _mm512_fmadd_ps(t[r], sc[r], acc[r][n]);
       }
     }
-    for (int n = 0; n < NR; ++n) yacc[n * w.out + o] = _mm512_reduce_add_ps(acc[n]);
+    for (int r = 0; r < OR; ++r)
+      for (int n = 0; n < NR; ++n) yacc[n * w.out + o + r] = _mm512_reduce_add_ps(acc[r][n]);
+  }
+  if constexpr (OR > 1) {
+    if (o < o1) gemv_bf16_rows<NR, 1>(w, xs, o, o1, yacc);
   }
 }
 
@@ -313,11 +360,7 @@ void dispatch_rows(int64_t rows, F&& f) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 #endif
@@ -376,13 +419,15 @@ void reorder_columns(const at::Tensor& x, at::Tensor& out, bool inverse) {
 }
 
 
-// Rows up to which the one-pass kernels beat decode-a-band + GEMM (FASTPEFT_NF4_GEMV_ROWS overrides).
-int64_t gemv_rows() {
-  static const int64_t rows = [] {
-    const char* env = std::getenv("FASTPEFT_NF4_GEMV_ROWS");
-    return env != nullptr ? std::atoll(env) : int64_t{16};
+// Rows up to which the one-pass kernels beat decode-a-band + GEMM (measured at d=4096, bf16, one
+// thread: forward even at 32 rows, grad_input even at 16); FASTPEFT_NF4_GEMV_ROWS overrides both.
+int64_t few_rows_limit(bool grad) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("FASTPEFT_NF4_GEMV_ROWS");
+    return e != nullptr ? std::atoll(e) : int64_t{-1};
   }();
-  return rows;
+  if (env >= 0) return env;
+  return grad ? 16 : 32;
 }
 
 // Forward, few rows: yacc [N, out] fp32.
@@ -393,31 +438,40 @@ void linear_few_rows(const View& w, const at::Tensor& x, float* yacc) {
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1));
 #ifdef FASTPEFT_NF4_AVX512
   if (fast_shape(w)) {
-    for (int64_t n0 = 0; n0 < N; n0 += kMaxGemvRows) {
-      const int64_t nr = std::min<int64_t>(kMaxGemvRows, N - n0);
-      if (std::is_same_v<T, c10::BFloat16> && use_avx512bf16()) {
-        std::vector<uint16_t> xs(static_cast<size_t>(nr * in));
-        const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<T>()) + n0 * in;
-        for (int64_t n = 0; n < nr; ++n) reorder_row(xp + n * in, in, 4, xs.data() + n * in);
-        dispatch_rows(nr, [&](auto R) {
-          at::parallel_for(0, w.out, grain, [&](int64_t o0, int64_t o1) {
-            gemv_bf16_rows<decltype(R)::value>(w, xs.data(), o0, o1, yacc + n0 * w.out);
-          });
-        });
-      } else {
-        std::vector<float> xf(static_cast<size_t>(in)), xs(static_cast<size_t>(nr * in));
-        const T* xp = xc.const_data_ptr<T>() + n0 * in;
-        for (int64_t n = 0; n < nr; ++n) {
-          for (int64_t i = 0; i < in; ++i) xf[i] = ld(xp[n * in + i]);
-          reorder_row(xf.data(), in, 8, xs.data() + n * in);
-        }
-        dispatch_rows(nr, [&](auto R) {
-          at::parallel_for(0, w.out, grain, [&](int64_t o0, int64_t o1) {
-            gemv_f32_rows<decltype(R)::value>(w, xs.data(), o0, o1, yacc + n0 * w.out);
-          });
-        });
+    // x rows go in groups of up to 4 (bf16; 2 for fp32): more accumulators spill. Each thread runs
+    // every group over a few output rows at a time, so those rows' bytes are re-read from L1.
+    const bool bf16 = std::is_same_v<T, c10::BFloat16> && use_avx512bf16();
+    const int64_t group = bf16 ? 4 : 2;
+    std::vector<uint16_t> xs16(bf16 ? static_cast<size_t>(N * in) : 0);
+    std::vector<float> xs32(bf16 ? 0 : static_cast<size_t>(N * in));
+    if (bf16) {
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<T>());
+      for (int64_t n = 0; n < N; ++n) reorder_row(xp + n * in, in, 4, xs16.data() + n * in);
+    } else {
+      std::vector<float> xf(static_cast<size_t>(in));
+      const T* xp = xc.const_data_ptr<T>();
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < in; ++i) xf[i] = ld(xp[n * in + i]);
+        reorder_row(xf.data(), in, 8, xs32.data() + n * in);
       }
     }
+    constexpr int64_t kRowsPerPass = 8;
+    at::parallel_for(0, w.out, grain, [&](int64_t o0, int64_t o1) {
+      for (int64_t ob = o0; ob < o1; ob += kRowsPerPass) {
+        const int64_t oe = std::min(o1, ob + kRowsPerPass);
+        for (int64_t n0 = 0; n0 < N; n0 += group) {
+          float* yg = yacc + n0 * w.out;
+          dispatch_rows(std::min(group, N - n0), [&](auto R) {
+            constexpr int nr = decltype(R)::value;
+            if (bf16) {
+              gemv_bf16_rows<nr, 2>(w, xs16.data() + n0 * in, ob, oe, yg);
+            } else if constexpr (nr <= 2) {
+              gemv_f32_rows<nr>(w, xs32.data() + n0 * in, ob, oe, yg);
+            }
+          });
+        }
+      }
+    });
     return;
   }
 #endif
@@ -497,10 +551,11 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     }
     return y;
   }
-  const View w = make_view(nw);
+  at::Tensor absmax_buf;
+  const View w = make_view(nw, absmax_buf);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (N <= gemv_rows()) {
+    if (N <= few_rows_limit(false)) {
       std::vector<float> yacc(static_cast<size_t>(N * out_features));
       linear_few_rows<T>(w, x, yacc.data());
       T* yp = y.mutable_data_ptr<T>();
@@ -547,10 +602,11 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
   if (N == 0 || in_features == 0) return at::empty({N, in_features}, grad_y.options());
   if (out == 0) return at::zeros({N, in_features}, grad_y.options());
   at::Tensor gx = at::empty({N, in_features}, grad_y.options());
-  const View w = make_view(nw);
+  at::Tensor absmax_buf;
+  const View w = make_view(nw, absmax_buf);
   dispatch_float(grad_y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (N <= gemv_rows()) {
+    if (N <= few_rows_limit(true)) {
       std::vector<float> gacc(static_cast<size_t>(N * in_features));
       grad_few_rows<T>(w, grad_y, gacc.data());
       T* gp = gx.mutable_data_ptr<T>();
