@@ -23,12 +23,7 @@ ROWS = [0, 1, 2, 3, 7, 16, 33, 200]
 SHAPES = [(40, 256), (33, 65), (7, 4097), (130, 128)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test_multithreaded_matches_single uses two
 
 
 def tol(dtype):

@@ -95,19 +95,23 @@ def _check_linear(x, weight, bias, lora_A, lora_B) -> None:
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"'x' has last dim {x.shape[-1]} but 'weight' has in_features {in_f} (weight is [out, in])")
-    if lora_A.shape[1] != in_f:
-        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but 'weight' has {in_f} (lora_A is [r, in])")
-    if lora_B.shape[1] != lora_A.shape[0]:
-        raise ValueError(
-            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
-        )
-    if lora_B.shape[0] != out_f:
-        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but 'weight' has {out_f}")
+    _check_lora_shapes(lora_A, lora_B, in_f, "'weight'", out_f, "'weight'")
     if bias is not None:
         _check_tensor(bias, "bias", 1)
         _check_same(bias, x, "bias", "x")
         if bias.shape[0] != out_f:
             raise ValueError(f"'bias' has {bias.shape[0]} elements but 'weight' has out_features {out_f}")
+
+
+def _check_lora_shapes(lora_A: Tensor, lora_B: Tensor, in_f: int, in_owner: str, out_f: int, out_owner: str) -> None:
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but {in_owner} has {in_f} (lora_A is [r, in])")
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(
+            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
+        )
+    if lora_B.shape[0] != out_f:
+        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but {out_owner} has {out_f}")
 
 
 def _seed_for(dropout_p: float, seed: Optional[Tensor]) -> Tensor:
@@ -644,14 +648,7 @@ def _check_qlora(x, bias, lora_A, lora_B, out_features: int) -> None:
     _check_tensor(lora_B, "lora_B", 2)
     _check_same(lora_A, x, "lora_A", "x")
     _check_same(lora_B, x, "lora_B", "x")
-    if lora_A.shape[1] != x.shape[-1]:
-        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but 'x' has {x.shape[-1]} (lora_A is [r, in])")
-    if lora_B.shape[1] != lora_A.shape[0]:
-        raise ValueError(
-            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
-        )
-    if lora_B.shape[0] != out_features:
-        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but the NF4 weight has {out_features}")
+    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "the NF4 weight")
     _check_nf4_bias(bias, x, out_features)
 
 
