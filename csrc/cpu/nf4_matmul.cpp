@@ -8,8 +8,8 @@
 //     re-ordered once per call to match the decoded lanes, and the block absmax is applied once per
 //     32 weights to the partial dot products. Other shapes/CPUs: decode a row segment to fp32, then
 //     dot/axpy loops.
-//   many rows: decode a band of W (rows for the forward, columns for grad_input, ~1 MiB so it
-//     stays in L2) into a reused per-thread buffer in the compute dtype and hand it to at::mm
+//   many rows: decode a band of W (rows for the forward, columns for grad_input, ~4 MiB) into a
+//     reused per-thread buffer in the compute dtype and hand it to at::mm
 //     (oneDNN / MKL), writing that band's columns of the output.
 //
 // Sums are fp32; bf16 codes (the bf16 gemv) round each NF4 code to bf16 before the product, which
@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <vector>
 
@@ -39,70 +40,93 @@ using namespace nf4;
 using cpu::ld;
 using cpu::st;
 
-// The float32 absmax per block (a double-quantised state is decoded once per call into a buffer).
+// The float32 absmax of blocks base, base + 1, ...: the state's own, or decoded from a double-
+// quantised state (for the whole weight, or per thread for the blocks of its output rows).
 struct BlockScale {
   const float* f = nullptr;
-  FASTPEFT_INLINE float operator()(int64_t b) const { return f[b]; }
+  int64_t base = 0;
+  FASTPEFT_INLINE float operator()(int64_t b) const { return f[b - base]; }
 };
 
 struct View {
   const uint8_t* p;
   BlockScale sc;
   int64_t bs, out, in;
+  // double quantisation (nested_code[q[b]] * nested_absmax[b / 256] + offset), else q == nullptr
+  const uint8_t* q = nullptr;
+  const float* nabs = nullptr;
+  const float* ncode = nullptr;
+  float off = 0.0f;
 };
 
-// out[b] = nested_code[q[b]] * nested_absmax[b / 256] + offset (two fp32 roundings, as the reference).
-FASTPEFT_CLONES void decode_absmax(const uint8_t* __restrict__ q, const float* __restrict__ nabs,
-                                   const float* __restrict__ ncode, float off, int64_t b0, int64_t b1,
-                                   float* __restrict__ out) {
+// out[b - b0] = nested_code[q[b]] * nested_absmax[b / 256] + offset (two fp32 roundings, as the
+// reference) for b in [b0, b1).
+FASTPEFT_CLONES void decode_absmax_loop(const uint8_t* __restrict__ q, const float* __restrict__ nabs,
+                                        const float* __restrict__ ncode, float off, int64_t b0, int64_t b1,
+                                        float* __restrict__ out) {
   for (int64_t b = b0; b < b1; ++b) {
     const float v = ncode[q[b]] * nabs[b >> 8];
-    out[b] = v + off;
+    out[b - b0] = v + off;
   }
 }
 
 #ifdef FASTPEFT_NF4_AVX512
-// decode_absmax 16 blocks at a time from a 16-aligned b0 (one nested block each); returns where it
-// stopped (the portable loop does the rest).
-FASTPEFT_AVX512 int64_t decode_absmax_avx512(const uint8_t* q, const float* nabs, const float* ncode, float off,
-                                             int64_t b0, int64_t b1, float* out) {
-  int64_t b = b0;
-  for (; b < b1 && (b & 15) != 0; ++b) {
-    const float v = ncode[q[b]] * nabs[b >> 8];
-    out[b] = v + off;
-  }
-  const __m512 o = _mm512_set1_ps(off);
+// decode_absmax_loop 16 blocks (one nested block) per step from the first 16-aligned b; returns where
+// it stopped (the portable loop does the rest).
+FASTPEFT_AVX512 int64_t decode_absmax_avx512(const View& w, int64_t b0, int64_t b1, float* out) {
+  int64_t b = std::min(b1, (b0 + 15) & ~int64_t{15});
+  decode_absmax_loop(w.q, w.nabs, w.ncode, w.off, b0, b, out);
+  const __m512 o = _mm512_set1_ps(w.off);
   for (; b + 16 <= b1; b += 16) {
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b)));
-    const __m512 c = _mm512_i32gather_ps(idx, ncode, 4);
-    _mm512_storeu_ps(out + b, _mm512_add_ps(_mm512_mul_ps(c, _mm512_set1_ps(nabs[b >> 8])), o));
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + b)));
+    const __m512 c = _mm512_i32gather_ps(idx, w.ncode, 4);
+    _mm512_storeu_ps(out + (b - b0), _mm512_add_ps(_mm512_mul_ps(c, _mm512_set1_ps(w.nabs[b >> 8])), o));
   }
   return b;
 }
 #endif
 
-// `absmax_buf` keeps the decoded absmax alive for the call.
-View make_view(const NF4Weight& w, at::Tensor& absmax_buf) {
+void decode_absmax(const View& w, int64_t b0, int64_t b1, float* out) {
+  int64_t b = b0;
+#ifdef FASTPEFT_NF4_AVX512
+  if (use_avx512()) b = decode_absmax_avx512(w, b0, b1, out);
+#endif
+  decode_absmax_loop(w.q, w.nabs, w.ncode, w.off, b, b1, out + (b - b0));
+}
+
+// f(r0, r1) over [begin, end) in pieces of `step`, handed out one at a time to the intra-op threads:
+// on a shared machine a descheduled thread then holds up one piece, not a fixed half of the work.
+template <class F>
+void parallel_pieces(int64_t begin, int64_t end, int64_t step, const F& f) {
+  const int64_t pieces = (end - begin + step - 1) / step;
+  if (pieces <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), pieces);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < pieces; i = next.fetch_add(1)) {
+      const int64_t r0 = begin + i * step;
+      f(r0, std::min(end, r0 + step));
+    }
+  });
+}
+
+// With `decode_all`, a double-quantised absmax is decoded for every block here (into `absmax_buf`,
+// kept alive for the call); otherwise the kernel decodes per thread (View::q is set, sc.f null).
+View make_view(const NF4Weight& w, at::Tensor& absmax_buf, bool decode_all) {
   View v{w.packed.const_data_ptr<uint8_t>(), {}, w.blocksize, w.out, w.in};
   if (!w.nested()) {
     v.sc.f = w.absmax.const_data_ptr<float>();
     return v;
   }
+  v.q = w.absmax.const_data_ptr<uint8_t>();
+  v.nabs = w.nested_absmax.const_data_ptr<float>();
+  v.ncode = w.nested_code.const_data_ptr<float>();
+  v.off = *w.offset.const_data_ptr<float>();
+  if (!decode_all) return v;
   const int64_t blocks = w.absmax.numel();
   absmax_buf = cpu::scratch(3, 1, blocks, w.absmax.options().dtype(at::kFloat));
   float* out = absmax_buf.mutable_data_ptr<float>();
-  const uint8_t* q = w.absmax.const_data_ptr<uint8_t>();
-  const float* nabs = w.nested_absmax.const_data_ptr<float>();
-  const float* ncode = w.nested_code.const_data_ptr<float>();
-  const float off = *w.offset.const_data_ptr<float>();
-  at::parallel_for(0, blocks, 16384, [&](int64_t b0, int64_t b1) {
-#ifdef FASTPEFT_NF4_AVX512
-    if (use_avx512()) {
-      b0 = decode_absmax_avx512(q, nabs, ncode, off, b0, b1, out);
-    }
-#endif
-    decode_absmax(q, nabs, ncode, off, b0, b1, out);
-  });
+  at::parallel_for(0, blocks, 16384, [&](int64_t b0, int64_t b1) { decode_absmax(v, b0, b1, out + b0); });
   v.sc.f = out;
   return v;
 }
@@ -160,7 +184,7 @@ FASTPEFT_CLONES void axpy_f32(float* __restrict__ acc, float c, const float* __r
 // yacc [N, out] = xf [N, in] W^T.
 void gemv_generic(const View& w, const float* xf, int64_t N, float* yacc) {
   const bool avx = use_avx512();
-  at::parallel_for(0, w.out, 16, [&](int64_t o0, int64_t o1) {
+  parallel_pieces(0, w.out, 16, [&](int64_t o0, int64_t o1) {
     std::vector<float> row(static_cast<size_t>(w.in));
     for (int64_t o = o0; o < o1; ++o) {
       decode_segment(w, o * w.in, w.in, row.data(), avx);
@@ -175,7 +199,7 @@ constexpr int64_t kGradCols = 256;  // grad_input columns per task (portable loo
 void grad_input_generic(const View& w, const float* gT, int64_t N, float* gacc) {
   const bool avx = use_avx512();
   const int64_t tasks = (w.in + kGradCols - 1) / kGradCols;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_pieces(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> seg(kGradCols), acc(static_cast<size_t>(N * kGradCols));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kGradCols, len = std::min(kGradCols, w.in - c0);
@@ -220,7 +244,7 @@ bool use_avx512bf16() {
 
 // Per-lane absmax of the 128 weights from flat index e0 (e0 % 128 == 0, blocksize >= 32).
 FASTPEFT_AVX512 FASTPEFT_INLINE __m512 chunk_scale(const BlockScale& sc, int64_t e0, int64_t bs) {
-  const float* f = sc.f + e0 / bs;
+  const float* f = sc.f + (e0 / bs - sc.base);
   if (bs >= kChunk) return _mm512_set1_ps(*f);
   if (bs == 64) {
     const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -375,7 +399,7 @@ template <class T>
 void decode_tile(const View& w, int64_t o0, int64_t rows, int64_t c0, int64_t cols, T* out, bool streams) {
   const bool avx = use_avx512();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  parallel_pieces(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t e0 = (o0 + r) * w.in + c0;
 #ifdef FASTPEFT_NF4_AVX512
@@ -456,7 +480,17 @@ void linear_few_rows(const View& w, const at::Tensor& x, float* yacc) {
       }
     }
     constexpr int64_t kRowsPerPass = 8;
-    at::parallel_for(0, w.out, grain, [&](int64_t o0, int64_t o1) {
+    parallel_pieces(0, w.out, grain, [&](int64_t o0, int64_t o1) {
+      // One parallel region per call: a nested absmax is decoded here, for this thread's rows.
+      thread_local std::vector<float> local_absmax;
+      View wt = w;
+      if (wt.sc.f == nullptr) {
+        const int64_t b0 = o0 * in / w.bs, b1 = (o1 * in + w.bs - 1) / w.bs;
+        local_absmax.resize(static_cast<size_t>(b1 - b0));
+        decode_absmax(w, b0, b1, local_absmax.data());
+        wt.sc.f = local_absmax.data();
+        wt.sc.base = b0;
+      }
       for (int64_t ob = o0; ob < o1; ob += kRowsPerPass) {
         const int64_t oe = std::min(o1, ob + kRowsPerPass);
         for (int64_t n0 = 0; n0 < N; n0 += group) {
@@ -464,9 +498,9 @@ void linear_few_rows(const View& w, const at::Tensor& x, float* yacc) {
           dispatch_rows(std::min(group, N - n0), [&](auto R) {
             constexpr int nr = decltype(R)::value;
             if (bf16) {
-              gemv_bf16_rows<nr, 2>(w, xs16.data() + n0 * in, ob, oe, yg);
+              gemv_bf16_rows<nr, 2>(wt, xs16.data() + n0 * in, ob, oe, yg);
             } else if constexpr (nr <= 2) {
-              gemv_f32_rows<nr>(w, xs32.data() + n0 * in, ob, oe, yg);
+              gemv_f32_rows<nr>(wt, xs32.data() + n0 * in, ob, oe, yg);
             }
           });
         }
@@ -492,7 +526,7 @@ void grad_few_rows(const View& w, const at::Tensor& g, float* gacc) {
     for (int64_t o = 0; o < out; ++o) gT[o * N + n] = ld(gp[n * out + o]);
 #ifdef FASTPEFT_NF4_AVX512
   if (fast_shape(w)) {
-    at::parallel_for(0, w.in / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    parallel_pieces(0, w.in / kChunk, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t n0 = 0; n0 < N; n0 += kMaxGradRows) {
           switch (std::min<int64_t>(kMaxGradRows, N - n0)) {
@@ -509,12 +543,13 @@ void grad_few_rows(const View& w, const at::Tensor& g, float* gacc) {
   grad_input_generic(w, gT.data(), N, gacc);
 }
 
-// Rows (or columns) of W per band of the many-row path: ~1 MiB of dequantised weights (L2-sized),
-// at least 64 so the GEMM keeps a useful width.
+// Rows (or columns) of W per band of the many-row path: ~4 MiB of dequantised weights (L3-resident;
+// 1 MiB bands measured ~5% slower at 16 rows and cost 4x the parallel regions), at least 64 so the
+// GEMM keeps a useful width.
 int64_t band_size(int64_t other_dim, int64_t elem) {
   static const int64_t bytes = [] {
     const char* env = std::getenv("FASTPEFT_NF4_BAND_BYTES");
-    return env != nullptr ? std::atoll(env) : int64_t{1} << 20;
+    return env != nullptr ? std::atoll(env) : int64_t{4} << 20;
   }();
   const int64_t b = bytes / std::max<int64_t>(other_dim * elem, 1);
   return std::max<int64_t>(64, b / 16 * 16);
@@ -551,11 +586,13 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     }
     return y;
   }
+  // The one-pass AVX-512 forward decodes a nested absmax per thread; every other path up front.
+  const bool few = N <= few_rows_limit(false);
   at::Tensor absmax_buf;
-  const View w = make_view(nw, absmax_buf);
+  const View w = make_view(nw, absmax_buf, !(few && use_avx512() && in % kChunk == 0));
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (N <= few_rows_limit(false)) {
+    if (few) {
       std::vector<float> yacc(static_cast<size_t>(N * out_features));
       linear_few_rows<T>(w, x, yacc.data());
       T* yp = y.mutable_data_ptr<T>();
@@ -603,7 +640,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
   if (out == 0) return at::zeros({N, in_features}, grad_y.options());
   at::Tensor gx = at::empty({N, in_features}, grad_y.options());
   at::Tensor absmax_buf;
-  const View w = make_view(nw, absmax_buf);
+  const View w = make_view(nw, absmax_buf, true);
   dispatch_float(grad_y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     if (N <= few_rows_limit(true)) {
