@@ -353,3 +353,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="'lora_A' has size"):
         fp.qlora_forward(x, packed, *qargs(state), 64, None, torch.randn(4, 100), torch.randn(24, 4), 1.0, 0.0,
                          torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_identity_input_gives_the_dequantised_weight_exactly(double_quant):
+    # one nonzero product per output: every path must decode code * absmax exactly (fp32)
+    for bs in (32, 64, 256):
+        packed, state, w = nf4(96, 256, bs, double_quant)
+        for n in (1, 4, 256):  # one-pass kernels and the band path
+            x = torch.eye(256)[:n]
+            y = fp.nf4_linear(x, packed, *qargs(state), bs, 96, None)
+            assert torch.equal(y, w.t()[:n]), (bs, n)
