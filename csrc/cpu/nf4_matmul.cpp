@@ -8,9 +8,9 @@
 //     re-ordered once per call to match the decoded lanes, and the block absmax is applied once per
 //     32 weights to the partial dot products. Other shapes/CPUs: decode a row segment to fp32, then
 //     dot/axpy loops.
-//   many rows: decode a band of W (rows for the forward, columns for grad_input, ~4 MiB) into a
-//     reused per-thread buffer in the compute dtype and hand it to at::mm
-//     (oneDNN / MKL), writing that band's columns of the output.
+//   many rows: each thread in turn decodes a band of W (rows for the forward, columns for
+//     grad_input, ~1 MiB) into its reused buffer in the compute dtype and runs a one-thread at::mm
+//     (oneDNN / MKL) on it, writing that band's columns of the output.
 //
 // Sums are fp32; bf16 codes (the bf16 gemv) round each NF4 code to bf16 before the product, which
 // is the rounding a bf16 matmul of the dequantised weight does anyway. Built with
@@ -554,13 +554,12 @@ void grad_few_rows(const View& w, const at::Tensor& g, float* gacc) {
   grad_input_generic(w, gT.data(), N, gacc);
 }
 
-// Rows (or columns) of W per band of the many-row path: ~4 MiB of dequantised weights (L3-resident;
-// 1 MiB bands measured ~5% slower at 16 rows and cost 4x the parallel regions), at least 64 so the
-// GEMM keeps a useful width.
+// Rows (or columns) of W per band of the many-row path: ~1 MiB of dequantised weights (a thread's
+// L2), at least 64 so the GEMM keeps a useful width.
 int64_t band_size(int64_t other_dim, int64_t elem) {
   static const int64_t bytes = [] {
     const char* env = std::getenv("FASTPEFT_NF4_BAND_BYTES");
-    return env != nullptr ? std::atoll(env) : int64_t{4} << 20;
+    return env != nullptr ? std::atoll(env) : int64_t{1} << 20;
   }();
   const int64_t b = bytes / std::max<int64_t>(other_dim * elem, 1);
   return std::max<int64_t>(64, b / 16 * 16);
@@ -621,11 +620,12 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       xs = at::empty({N, in}, x.options());
       reorder_columns<T>(x, xs, false);
     }
+    // Each thread takes bands in turn (decode into its own buffer, then a one-thread GEMM into the
+    // band's columns of y): one parallel region per call, no barrier per band.
     const int64_t band = std::min(out_features, band_size(in, sizeof(T)));
-    at::Tensor buf = cpu::scratch(2, band, in, x.options());
-    for (int64_t o0 = 0; o0 < out_features; o0 += band) {
-      const int64_t rows = std::min(band, out_features - o0);
-      at::Tensor tile = buf.narrow(0, 0, rows);
+    parallel_pieces(0, out_features, band, [&](int64_t o0, int64_t o1) {
+      const int64_t rows = o1 - o0;
+      at::Tensor tile = cpu::scratch(2, rows, in, x.options());
       decode_tile(w, o0, rows, 0, in, tile.mutable_data_ptr<T>(), streams);
       at::Tensor yb = y.narrow(1, o0, rows);
       if (has_bias) {
@@ -633,7 +633,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       } else {
         at::mm_out(yb, xs, tile.t());
       }
-    }
+    });
   });
   return y;
 }
@@ -668,14 +668,13 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
     at::Tensor gs = streams ? at::empty({N, in_features}, grad_y.options()) : gx;
     int64_t band = std::min(in_features, band_size(out, sizeof(T)));
     if (streams) band = std::max(kChunk, band / kChunk * kChunk);
-    at::Tensor buf = cpu::scratch(2, out, band, grad_y.options());
-    for (int64_t c0 = 0; c0 < in_features; c0 += band) {
-      const int64_t cols = std::min(band, in_features - c0);
-      at::Tensor tile = buf.view(-1).narrow(0, 0, out * cols).view({out, cols});
+    parallel_pieces(0, in_features, band, [&](int64_t c0, int64_t c1) {  // as in nf4_linear_cpu
+      const int64_t cols = c1 - c0;
+      at::Tensor tile = cpu::scratch(2, out, cols, grad_y.options());
       decode_tile(w, 0, out, c0, cols, tile.mutable_data_ptr<T>(), streams);
       at::Tensor gb = gs.narrow(1, c0, cols);
       at::mm_out(gb, grad_y, tile);
-    }
+    });
     if (streams) reorder_columns<T>(gs, gx, true);
   });
   return gx;
