@@ -131,6 +131,14 @@ def test_multithreaded_matches_single():
                 g = torch.randn(n, out_f)
                 close(fp.nf4_linear_grad_input(g, packed, *qargs(state), 64, in_f), g @ w, torch.float32,
                       f"threads grad N={n}")
+                # autograd through the wrapper: the worker threads run ATen ops below autograd too
+                xg = x.float().requires_grad_()
+                b = torch.randn(out_f, requires_grad=True)
+                y = ops.nf4_linear(xg, packed, state.absmax, 64, out_f, b, nested_absmax=state.nested_absmax,
+                                   nested_code=state.nested_code, offset=state.offset)
+                y.backward(g)
+                close(y, F.linear(x.float(), w, b), torch.float32, f"threads autograd N={n}")
+                close(xg.grad, g @ w, torch.float32, f"threads autograd grad N={n}")
     finally:
         torch.set_num_threads(1)
 

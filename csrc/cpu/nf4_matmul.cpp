@@ -16,6 +16,7 @@
 // is the rounding a bf16 matmul of the dequantised weight does anyway. Built with
 // -ffp-contract=off so the decoded absmax is exactly the reference's (code * absmax, then + offset).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -107,13 +108,17 @@ void decode_absmax(const View& w, int64_t b0, int64_t b1, float* out) {
 
 // f(r0, r1) over [begin, end) in pieces of `step`, handed out one at a time to the intra-op threads:
 // on a shared machine a descheduled thread then holds up one piece, not a fixed half of the work.
+// The caller's thread-local state (below-autograd dispatch, grad mode) holds on every thread, as
+// the pieces may call ATen ops.
 template <class F>
 void parallel_pieces(int64_t begin, int64_t end, int64_t step, const F& f) {
   const int64_t pieces = (end - begin + step - 1) / step;
   if (pieces <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), pieces);
+  const at::ThreadLocalState caller;
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard same_state(caller);
     for (int64_t i = next.fetch_add(1); i < pieces; i = next.fetch_add(1)) {
       const int64_t r0 = begin + i * step;
       f(r0, std::min(end, r0 + step));
