@@ -77,7 +77,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     dev = ctx.device
     table = Table(f"NF4 (blocksize {bs}, double quant) on a [{out_f}, {in_f}] weight, {tokens} tokens, {dev}", COLUMNS,
                   notes=["speedup: median per-round bnb_ms / fastpeft_ms; targets are informational"])
-    bw_table = Table(f"NF4 batch-1 forward: packed-weight read rate vs memcpy (64 MiB), {dev}",
+    bw_table = Table(f"NF4 batch-1 forward: packed-weight read rate vs memcpy ({16 if ctx.quick else 64} MiB), {dev}",
                      ["dtype", "packed MiB", "fwd 1 row ms", "packed GB/s", "memcpy GB/s", "% of memcpy", "target",
                       "status"])
     for dtype in ctx.dtypes:
@@ -126,7 +126,7 @@ def run(ctx: BenchContext) -> SuiteResult:
 
 
 def _memcpy_gbps(ctx: BenchContext) -> float:
-    src = torch.empty(64 << 20, dtype=torch.uint8, device=ctx.device)
+    src = torch.empty((16 if ctx.quick else 64) << 20, dtype=torch.uint8, device=ctx.device)
     dst = torch.empty_like(src)
     t = time_interleaved({"memcpy": lambda: dst.copy_(src)}, ctx.device, ctx.warmup, ctx.repeats, ctx.min_sample_ms)
     return src.numel() / (t.median("memcpy") * 1e-3) / 1e9
@@ -134,7 +134,8 @@ def _memcpy_gbps(ctx: BenchContext) -> float:
 
 def _bandwidth(ctx: BenchContext, res: SuiteResult, table: Table, dtype, packed_bytes: int, ms: float,
                main: bool) -> None:
-    """The batch-1 forward as a read rate of the packed weights, against memcpy (64 MiB) in this run."""
+    """The batch-1 forward as a read rate of the packed weights, against memcpy (64 MiB; 16 with
+    --quick) in this run."""
     copy = _memcpy_gbps(ctx)
     rate = packed_bytes / (ms * 1e-3) / 1e9
     target = Target(BANDWIDTH_TARGET) if main else None
