@@ -514,7 +514,7 @@ void linear_few_rows(const View& w, const at::Tensor& x, float* yacc) {
           dispatch_rows(std::min(group, N - n0), [&](auto R) {
             constexpr int nr = decltype(R)::value;
             if (bf16) {
-              gemv_bf16_rows<nr, 2>(wt, xs16.data() + n0 * in, ob, oe, yg);
+              gemv_bf16_rows<nr, (nr == 1 ? 1 : 2)>(wt, xs16.data() + n0 * in, ob, oe, yg);
             } else if constexpr (nr <= 2) {
               gemv_f32_rows<nr>(wt, xs32.data() + n0 * in, ob, oe, yg);
             }
