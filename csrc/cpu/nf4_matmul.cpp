@@ -241,7 +241,8 @@ void grad_input_generic(const View& w, const float* gT, int64_t N, float* gacc) 
 constexpr int64_t kChunk = 128;
 constexpr int kMaxGradRows = 3;
 
-// x row reordered for the streams above: out[k * 128 + s * lanes + j] = x[k * 128 + stride j + (s ^ 1)].
+// x row reordered for the streams above: out[k + s * lanes + j] = x[k + streams * j + (s ^ 1)] for
+// every chunk k (lanes = 128 / streams).
 template <class O, class I>
 void reorder_row(const I* x, int64_t in, int streams, O* out) {
   const int lanes = static_cast<int>(kChunk) / streams;
