@@ -99,7 +99,9 @@ def test_nf4_suite_quick_tiny(tmp_path):
     assert not res.errors, res.errors
     data = json.loads((tmp_path / "nf4-cpu.json").read_text())
     rows = data["tables"][0]["rows"]
-    assert {(r["op"], r["dtype"]) for r in rows} == {
-        (op, dt) for op in ("quantize", "dequantize", "linear fwd") for dt in ("fp32", "bf16")
-    }
+    ops = ("quantize", "dequantize", "linear fwd 1 row", "linear fwd 16 rows", "linear fwd 8 rows",
+           "linear fwd+bwd(x) 16 rows", "linear fwd+bwd(x) 8 rows")
+    assert {(r["op"], r["dtype"]) for r in rows} == {(op, dt) for op in ops for dt in ("fp32", "bf16")}
     assert all(r["fastpeft ms"] > 0 and r["bnb ms"] > 0 for r in rows)
+    bandwidth = data["tables"][1]["rows"]
+    assert [r["dtype"] for r in bandwidth] == ["fp32", "bf16"] and all(r["packed GB/s"] > 0 for r in bandwidth)

@@ -16,7 +16,9 @@
 #include <limits>
 
 #include "common/cpu_math.h"
+#include "common/cpu_scratch.h"
 #include "common/lora_impl.h"
+#include "common/qlora_impl.h"
 
 namespace fastpeft {
 namespace {
@@ -202,19 +204,8 @@ struct CpuBackend {
     return {std::numeric_limits<int64_t>::max(), false, true, t == at::kBFloat16};
   }
 
-  // One growing byte buffer per slot and thread, reused across calls; requests over 8 MiB get a
-  // fresh tensor (then the page faults are small next to the work on it) and are not kept.
   static at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-    constexpr int kSlots = 2;
-    constexpr int64_t kMaxCached = int64_t{8} << 20;
-    TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kSlots);
-    const at::ScalarType t = opts.dtype().toScalarType();
-    const int64_t bytes = std::max<int64_t>(rows * cols, 1) * static_cast<int64_t>(c10::elementSize(t));
-    if (bytes > kMaxCached) return at::empty({rows, cols}, opts);
-    thread_local at::Tensor cache[kSlots];
-    at::Tensor& c = cache[slot];
-    if (!c.defined() || c.numel() < bytes) c = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    return c.narrow(0, 0, bytes).view(t).narrow(0, 0, rows * cols).view({rows, cols});
+    return cpu::scratch(slot, rows, cols, opts);
   }
 
   static void dropout_rows(const at::Tensor& x, int64_t r0, const DropoutSpec& d, at::Tensor& out) {
@@ -348,4 +339,6 @@ TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("dora_weight_norm", &fastpeft::dora_weight_norm_impl<CpuBackend>);
   m.impl("dora_forward", &fastpeft::dora_forward_impl<CpuBackend>);
   m.impl("dora_backward", &fastpeft::dora_backward_impl<CpuBackend>);
+  m.impl("qlora_forward", &fastpeft::qlora_forward_impl<CpuBackend>);
+  m.impl("qlora_backward", &fastpeft::qlora_backward_impl<CpuBackend>);
 }

@@ -18,13 +18,9 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#include <immintrin.h>
-#define FASTPEFT_NF4_AVX512 1
-#endif
-
 #include "common/checks.h"
 #include "common/cpu_math.h"
+#include "common/nf4_cpu_decode.h"
 #include "common/nf4_impl.h"
 
 namespace fastpeft {
@@ -81,17 +77,6 @@ FASTPEFT_INLINE void nf4_codes_impl(const T* __restrict__ x, int64_t n, float s,
   }
 }
 
-// out[2j] = table[hi nibble], out[2j + 1] = table[lo nibble] for j < npairs.
-template <class T>
-FASTPEFT_INLINE void nf4_deq_impl(const uint8_t* __restrict__ p, int64_t npairs, const float* __restrict__ table,
-                                  T* __restrict__ out) {
-  for (int64_t j = 0; j < npairs; ++j) {
-    const uint8_t b = p[j];
-    st(out[2 * j], table[b >> 4]);
-    st(out[2 * j + 1], table[b & 0xF]);
-  }
-}
-
 // 8-bit codes: bitsandbytes' LUT quantiser.
 template <class T>
 FASTPEFT_INLINE void q8_impl(const T* __restrict__ x, int64_t n, float inv, const uint8_t* __restrict__ lut,
@@ -133,50 +118,6 @@ FASTPEFT_STAMP(c10::Half)
 
 FASTPEFT_CLONES void pack_nibbles(const uint8_t* __restrict__ codes, int64_t npairs, uint8_t* __restrict__ out) {
   for (int64_t j = 0; j < npairs; ++j) out[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
-}
-
-#ifdef FASTPEFT_NF4_AVX512
-#define FASTPEFT_AVX512 __attribute__((target("avx512f,avx512bw")))
-
-FASTPEFT_AVX512 FASTPEFT_INLINE void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-FASTPEFT_AVX512 FASTPEFT_INLINE void store16(c10::Half* out, __m512 v) {  // round to nearest even
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-FASTPEFT_AVX512 FASTPEFT_INLINE void store16(c10::BFloat16* out, __m512 v) {  // as st(BFloat16&, float)
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
-}
-
-// 16 outputs per step from 8 packed bytes (high nibble first): out = table[code].
-template <class T>
-FASTPEFT_AVX512 void nf4_deq_avx512(const uint8_t* __restrict__ p, int64_t nsteps, const float* __restrict__ table,
-                                    T* __restrict__ out) {
-  const __m512 tab = _mm512_loadu_ps(table);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t k = 0; k < nsteps; ++k) {
-    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * k));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    const __m128i lo = _mm_and_si128(raw, mask);
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-    store16(out + 16 * k, _mm512_permutexvar_ps(idx, tab));
-  }
-}
-#endif
-
-bool use_avx512() {
-#ifdef FASTPEFT_NF4_AVX512
-  static const bool yes = [] {
-    const char* generic = std::getenv("FASTPEFT_NF4_GENERIC");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           !(generic != nullptr && generic[0] == '1');
-  }();
-  return yes;
-#else
-  return false;
-#endif
 }
 
 inline int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 32768 / blocksize); }

@@ -19,6 +19,7 @@
 #include <algorithm>
 
 #include "common/lora_impl.h"
+#include "common/qlora_impl.h"
 
 namespace fastpeft {
 namespace {
@@ -259,4 +260,6 @@ TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("dora_weight_norm", &fastpeft::dora_weight_norm_impl<CudaBackend>);
   m.impl("dora_forward", &fastpeft::dora_forward_impl<CudaBackend>);
   m.impl("dora_backward", &fastpeft::dora_backward_impl<CudaBackend>);
+  m.impl("qlora_forward", &fastpeft::qlora_forward_impl<CudaBackend>);
+  m.impl("qlora_backward", &fastpeft::qlora_backward_impl<CudaBackend>);
 }

@@ -30,6 +30,8 @@ __all__ = [
     "nf4_dequantize",
     "blockwise8_quantize",
     "blockwise8_dequantize",
+    "nf4_linear",
+    "qlora_linear",
 ]
 
 _ops = torch.ops.fastpeft
@@ -93,19 +95,23 @@ def _check_linear(x, weight, bias, lora_A, lora_B) -> None:
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"'x' has last dim {x.shape[-1]} but 'weight' has in_features {in_f} (weight is [out, in])")
-    if lora_A.shape[1] != in_f:
-        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but 'weight' has {in_f} (lora_A is [r, in])")
-    if lora_B.shape[1] != lora_A.shape[0]:
-        raise ValueError(
-            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
-        )
-    if lora_B.shape[0] != out_f:
-        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but 'weight' has {out_f}")
+    _check_lora_shapes(lora_A, lora_B, in_f, "'weight'", out_f, "'weight'")
     if bias is not None:
         _check_tensor(bias, "bias", 1)
         _check_same(bias, x, "bias", "x")
         if bias.shape[0] != out_f:
             raise ValueError(f"'bias' has {bias.shape[0]} elements but 'weight' has out_features {out_f}")
+
+
+def _check_lora_shapes(lora_A: Tensor, lora_B: Tensor, in_f: int, in_owner: str, out_f: int, out_owner: str) -> None:
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"'lora_A' has in_features {lora_A.shape[1]} but {in_owner} has {in_f} (lora_A is [r, in])")
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(
+            f"'lora_B' has rank {lora_B.shape[1]} but 'lora_A' has rank {lora_A.shape[0]} (lora_B is [out, r])"
+        )
+    if lora_B.shape[0] != out_f:
+        raise ValueError(f"'lora_B' has out_features {lora_B.shape[0]} but {out_owner} has {out_f}")
 
 
 def _seed_for(dropout_p: float, seed: Optional[Tensor]) -> Tensor:
@@ -543,3 +549,273 @@ def blockwise8_dequantize(
     if not _use_kernel(q):
         return _ref.blockwise8_dequantize(q, absmax, code, blocksize, dtype)
     return _ops.blockwise8_dequantize(q, absmax, code, blocksize, dtype)
+
+
+# ---- fused NF4 matmul -----------------------------------------------------------------------------
+#
+# W [out, in] stays in NF4 (bitsandbytes' bytes): y = x W^T + b and its input gradient are computed
+# from the packed codes (csrc/cpu/nf4_matmul.cpp, csrc/cuda/nf4_matmul.cu). The compute dtype is x's;
+# sums are float32. Gradients flow to x, bias and the LoRA factors, never to the quantised weight.
+
+
+def _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features: int,
+                      in_features: int, ref: Tensor, ref_name: str) -> None:
+    _check_uint8(packed, "packed")
+    _ref.check_blocksize(blocksize)
+    n = out_features * in_features
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"'packed' has {packed.numel()} bytes but an NF4 weight of shape [{out_features}, {in_features}] needs "
+            f"{(n + 1) // 2} (two 4-bit codes per byte)"
+        )
+    given = [t is not None for t in (nested_absmax, nested_code, offset)]
+    if any(given) and not all(given):
+        names = ", ".join(f"{'' if g else 'no '}{k}" for g, k in zip(given, ("nested_absmax", "nested_code", "offset")))
+        raise ValueError(
+            f"'nested_absmax', 'nested_code' and 'offset' describe double quantisation: give all three or none "
+            f"(got {names})"
+        )
+    blocks = -(-n // blocksize)
+    if all(given):
+        _check_uint8(absmax, "absmax")
+        if absmax.numel() != blocks:
+            raise ValueError(f"'absmax' has {absmax.numel()} codes but {n} values in blocks of {blocksize} need {blocks}")
+        if not isinstance(nested_absmax, Tensor) or nested_absmax.dtype != torch.float32:
+            raise TypeError("'nested_absmax' must be a float32 tensor")
+        if nested_absmax.numel() != -(-blocks // 256):
+            raise ValueError(
+                f"'nested_absmax' has {nested_absmax.numel()} elements but {blocks} absmax codes in blocks of 256 "
+                f"need {-(-blocks // 256)}"
+            )
+        if not isinstance(nested_code, Tensor) or nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+            raise ValueError("'nested_code' must be a float32 tensor of 256 elements (the 8-bit codebook)")
+        if not isinstance(offset, Tensor) or offset.dtype != torch.float32 or offset.numel() != 1:
+            raise ValueError("'offset' must be a one-element float32 tensor")
+    else:
+        _check_absmax(absmax, n, blocksize)
+    for t, name in ((packed, "packed"), (absmax, "absmax"), (nested_absmax, "nested_absmax"),
+                    (nested_code, "nested_code"), (offset, "offset")):
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"'{name}' is on {t.device} but '{ref_name}' is on {ref.device}; move them to one device")
+
+
+def _check_nf4_input(x, name: str) -> None:
+    _check_quant_input(x, name)
+    if x.dim() < 1:
+        raise ValueError(f"'{name}' must have at least one dimension (its last is in_features)")
+
+
+def _check_nf4_bias(bias, x: Tensor, out_features: int) -> None:
+    if bias is None:
+        return
+    _check_tensor(bias, "bias", 1)
+    _check_same(bias, x, "bias", "x")
+    if bias.shape[0] != out_features:
+        raise ValueError(f"'bias' has {bias.shape[0]} elements but out_features is {out_features}")
+
+
+def _check_out_features(out_features) -> int:
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"'out_features' must be a non-negative int, got {out_features!r}")
+    return out_features
+
+
+def _fake_2d(t: Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"'{name}' must be 2-D, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake("fastpeft::nf4_linear")
+def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias):
+    _fake_2d(x, "x")
+    _check_nf4_input(x, "x")
+    _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[1], x, "x")
+    _check_nf4_bias(bias, x, out_features)
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("fastpeft::nf4_linear_grad_input")
+def _nf4_linear_grad_input_fake(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize, in_features):
+    _fake_2d(grad_y, "grad_y")
+    _check_nf4_input(grad_y, "grad_y")
+    _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, grad_y.shape[1], in_features,
+                      grad_y, "grad_y")
+    return grad_y.new_empty((grad_y.shape[0], in_features))
+
+
+def _check_qlora(x, bias, lora_A, lora_B, out_features: int) -> None:
+    _check_tensor(lora_A, "lora_A", 2)
+    _check_tensor(lora_B, "lora_B", 2)
+    _check_same(lora_A, x, "lora_A", "x")
+    _check_same(lora_B, x, "lora_B", "x")
+    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "the NF4 weight")
+    _check_nf4_bias(bias, x, out_features)
+
+
+@torch.library.register_fake("fastpeft::qlora_forward")
+def _qlora_forward_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
+                        scaling, dropout_p, seed):
+    _fake_2d(x, "x")
+    _check_nf4_input(x, "x")
+    out_f = lora_B.shape[0]
+    _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_f, x.shape[1], x, "x")
+    _check_qlora(x, bias, lora_A, lora_B, out_f)
+    _check_dropout(dropout_p, seed)
+    return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.register_fake("fastpeft::qlora_backward")
+def _qlora_backward_fake(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                         u, scaling, dropout_p, seed, need_grad_x=True):
+    _fake_2d(x, "x")
+    _check_nf4_input(x, "x")
+    _check_qlora(x, None, lora_A, lora_B, lora_B.shape[0])
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, _out, _bias = inputs
+    ctx.blocksize, ctx.in_features = blocksize, x.shape[1]
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+
+
+def _nf4_linear_backward(ctx, grad_y):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad_b = None
+    if need[0]:
+        grad_x = _ops.nf4_linear_grad_input(grad_y, packed, absmax, nested_absmax, nested_code, offset,
+                                            ctx.blocksize, ctx.in_features)
+    if need[8]:
+        grad_b = grad_y.sum(0)
+    return grad_x, None, None, None, None, None, None, None, grad_b
+
+
+torch.library.register_autograd("fastpeft::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
+
+
+def _nf4_grad_input_setup(ctx, inputs, output):
+    grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize, _in = inputs
+    ctx.blocksize, ctx.out_features = blocksize, grad_y.shape[1]
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+
+
+def _nf4_grad_input_backward(ctx, gg):  # linear in grad_y: its gradient is the forward product
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    g = None
+    if ctx.needs_input_grad[0]:
+        g = _ops.nf4_linear(gg, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize, ctx.out_features,
+                            None)
+    return g, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastpeft::nf4_linear_grad_input", _nf4_grad_input_backward,
+                                setup_context=_nf4_grad_input_setup)
+
+
+def _qlora_setup(ctx, inputs, output):
+    (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, _bias, lora_A, lora_B, scaling, dropout_p,
+     seed) = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)
+    ctx.blocksize, ctx.scaling, ctx.dropout_p = blocksize, scaling, dropout_p
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, u, seed)
+
+
+def _qlora_backward(ctx, grad_y, _grad_u):
+    if grad_y is None:
+        return (None,) * 13
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad_A = grad_B = grad_b = None
+    if need[0] or need[8] or need[9]:
+        grad_x, grad_A, grad_B = _ops.qlora_backward(
+            grad_y, x, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B, u,
+            ctx.scaling, ctx.dropout_p, seed, bool(need[0])
+        )
+        if not need[0]:
+            grad_x = None
+    if need[7]:
+        grad_b = grad_y.sum(0)
+    return grad_x, None, None, None, None, None, None, grad_b, grad_A, grad_B, None, None, None
+
+
+torch.library.register_autograd("fastpeft::qlora_forward", _qlora_backward, setup_context=_qlora_setup)
+
+
+def nf4_linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    blocksize: int,
+    out_features: int,
+    bias: Optional[Tensor] = None,
+    *,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+) -> Tensor:
+    """``x W^T + bias`` with W ``[out_features, in]`` in NF4, never dequantised whole.
+
+    Args:
+        x: ``[..., in]`` float32/bfloat16/float16: the compute dtype (sums are float32, the result
+            is rounded once to x's dtype).
+        packed, absmax, blocksize: the NF4 weight (bitsandbytes' bytes; see
+            :func:`fastpeft.quant.nf4.quantize_nf4`); ``absmax`` float32 ``[blocks]``, or the uint8
+            codes of a double-quantised state together with ``nested_absmax``, ``nested_code`` and
+            ``offset`` (all three or none; ``NF4QuantState.kernel_args()`` gives them).
+        out_features: W's first dimension.
+        bias: ``[out_features]`` of x's dtype, or None.
+
+    Returns ``[..., out_features]`` in x's dtype. Differentiable in x and bias (the backward is
+    :func:`nf4_linear_grad_input`-style, again straight from the packed weight).
+    """
+    _check_nf4_input(x, "x")
+    out_features = _check_out_features(out_features)
+    _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[-1], x, "x")
+    _check_nf4_bias(bias, x, out_features)
+    if not _use_kernel(x):
+        return _ref.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = _ops.nf4_linear(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def qlora_linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    blocksize: int,
+    out_features: int,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+    *,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+) -> Tensor:
+    """QLoRA linear layer: ``x W^T + b + scaling * B(A(dropout(x)))`` with W in NF4.
+
+    The NF4 arguments are :func:`nf4_linear`'s, the LoRA ones :func:`lora_linear`'s (lora_A
+    ``[r, in]``, lora_B ``[out_features, r]``, of x's dtype; seeded dropout regenerated in
+    backward). Returns ``[..., out_features]``; gradients flow to x, bias, lora_A and lora_B.
+    """
+    _check_nf4_input(x, "x")
+    out_features = _check_out_features(out_features)
+    _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[-1], x, "x")
+    _check_qlora(x, bias, lora_A, lora_B, out_features)
+    _check_dropout(dropout_p, seed)
+    seed = _seed_for(dropout_p, seed)
+    if not _use_kernel(x):
+        return _ref.qlora_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias,
+                                 lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = _ops.qlora_forward(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
+                              float(scaling), float(dropout_p), seed)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -34,6 +34,12 @@ __all__ = [
     "dora_forward",
     "dora_backward",
     "dora_linear",
+    "nf4_weight",
+    "nf4_linear",
+    "nf4_linear_grad_input",
+    "qlora_forward",
+    "qlora_backward",
+    "qlora_linear",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -359,3 +365,67 @@ def blockwise8_dequantize(q: Tensor, absmax: Tensor, code: Tensor, blocksize: in
     flat = q.reshape(-1).long()
     scale = absmax.float().repeat_interleave(blocksize)[: flat.numel()]
     return (code.float()[flat] * scale).to(dtype).reshape(q.shape)
+
+
+# ---- fused NF4 matmul -----------------------------------------------------------------------------
+#
+# W [out, in] is the NF4 weight above (row-major flattened; blocks need not align with rows). With
+# double quantisation its absmax is decoded per block as nested_code[absmax[b]] *
+# nested_absmax[b // 256] + offset (float32, no fused multiply-add). The compute dtype is x's
+# (float32/bfloat16/float16): the products are summed in float32 and rounded once to x's dtype.
+
+NESTED_BLOCKSIZE = 256
+
+
+def nf4_weight(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+               offset: Optional[Tensor], blocksize: int, out_features: int, in_features: int) -> Tensor:
+    """The float32 [out_features, in_features] weight an NF4 quant state describes."""
+    if nested_absmax is not None:
+        absmax = blockwise8_dequantize(absmax, nested_absmax, nested_code, NESTED_BLOCKSIZE, torch.float32)
+        absmax = absmax + offset.float().reshape(())
+    return nf4_dequantize(packed, absmax, blocksize, (out_features, in_features), torch.float32)
+
+
+def nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize: int, out_features: int,
+               bias=None) -> Tensor:
+    """x W^T + bias in float32, rounded to x's dtype (any leading dims on x; differentiable in x, bias)."""
+    w = nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, x.shape[-1])
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
+
+
+def nf4_linear_grad_input(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize: int,
+                          in_features: int) -> Tensor:
+    """grad_y W in float32, rounded to grad_y's dtype."""
+    w = nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, grad_y.shape[-1], in_features)
+    return (grad_y.float() @ w).to(grad_y.dtype)
+
+
+def qlora_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize: int, bias, lora_A, lora_B,
+                  scaling: float, dropout_p: float, seed) -> Tuple[Tensor, Tensor]:
+    """(y, u): lora_forward with the base product x W^T + b from nf4_linear."""
+    u = _drop(x, dropout_p, seed) @ lora_A.t()
+    y = nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], bias)
+    return y + scaling * (u @ lora_B.t()), u
+
+
+def qlora_backward(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize: int, lora_A, lora_B,
+                   u, scaling: float, dropout_p: float, seed):
+    """(grad_x, grad_A, grad_B) of qlora_forward's y (u treated as an internal value)."""
+    gu = scaling * (grad_y @ lora_B)
+    grad_B = scaling * (grad_y.t() @ u)
+    lora_x = gu @ lora_A
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+        lora_x = (keep.to(x.dtype) / (1.0 - dropout_p)) * lora_x
+    base_x = nf4_linear_grad_input(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize, x.shape[1])
+    grad_A = gu.t() @ _drop(x, dropout_p, seed)
+    return base_x + lora_x, grad_A, grad_B
+
+
+def qlora_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize: int, out_features: int, bias,
+                 lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed=None) -> Tensor:
+    """Differentiable reference of ``fastpeft.ops.qlora_linear`` (any leading dims on x)."""
+    xd = _drop(x, dropout_p, seed)
+    y = nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
+    return y + scaling * ((xd @ lora_A.t()) @ lora_B.t())

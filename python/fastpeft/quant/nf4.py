@@ -33,6 +33,7 @@ __all__ = ["NF4QuantState", "quantize_nf4", "dequantize_nf4", "LinearNF4", "quan
 
 NESTED_BLOCKSIZE = 256
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _DYNAMIC_MAP: Optional[Tensor] = None
@@ -88,6 +89,17 @@ class NF4QuantState:
             self.absmax, self.nested_absmax, self.nested_code, self.nested_blocksize, torch.float32
         )
         return a + self.offset
+
+    def kernel_args(self) -> Dict[str, Optional[Tensor]]:
+        """The quant-state keyword arguments of :func:`fastpeft.ops.nf4_linear` / ``qlora_linear``:
+        ``absmax``, ``nested_absmax``, ``nested_code``, ``offset`` (the last three None without
+        double quantisation)."""
+        return {
+            "absmax": self.absmax,
+            "nested_absmax": self.nested_absmax,
+            "nested_code": self.nested_code,
+            "offset": self.offset,
+        }
 
     def to(self, device) -> "NF4QuantState":
         """Move every tensor to ``device`` (in place); returns self."""
@@ -195,9 +207,10 @@ class LinearNF4(nn.Module):
 
     Build one from an existing layer with :meth:`from_linear`; ``LinearNF4(in, out)`` makes a layer
     with zero weights to ``load_state_dict`` into (e.g. a bitsandbytes ``Linear4bit`` state dict).
-    Forward dequantises the weight (:func:`fastpeft.ops.nf4_dequantize`) to the original weight's
-    dtype, casts it to the compute dtype and runs ``F.linear`` there; the output has the input's
-    dtype. ``compute_dtype=None`` computes in the input's dtype (bitsandbytes' default).
+    Forward casts the input to the compute dtype and runs :func:`fastpeft.ops.nf4_linear` (the
+    fused NF4 matmul: the weight is never dequantised whole, in forward or backward); the output has
+    the input's dtype. ``compute_dtype=None`` computes in the input's dtype (bitsandbytes'
+    default). Gradients flow to the input and the bias, never to the quantised weight.
     """
 
     def __init__(
@@ -258,11 +271,12 @@ class LinearNF4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         cdt = self.compute_dtype or x.dtype
-        w = self.dequantize()
-        if w.dtype != cdt:
-            w = w.to(cdt)
         bias = None if self.bias is None else self.bias.to(cdt)
-        return F.linear(x.to(cdt), w, bias).to(x.dtype)
+        if cdt not in _KERNEL_DTYPES:  # e.g. float64: the NF4 kernels compute in fp32/bf16/fp16 only
+            return F.linear(x.to(cdt), self.dequantize().to(cdt), bias).to(x.dtype)
+        y = ops.nf4_linear(x.to(cdt), self.weight, blocksize=self.quant_state.blocksize,
+                           out_features=self.out_features, bias=bias, **self.quant_state.kernel_args())
+        return y.to(x.dtype)
 
     # ---- state dict: bitsandbytes Linear4bit's keys ---------------------------------------------
 
