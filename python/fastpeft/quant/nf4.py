@@ -33,7 +33,7 @@ __all__ = ["NF4QuantState", "quantize_nf4", "dequantize_nf4", "LinearNF4", "quan
 
 NESTED_BLOCKSIZE = 256
 _QS_KEY = "quant_state.bitsandbytes__nf4"
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _DYNAMIC_MAP: Optional[Tensor] = None
@@ -272,7 +272,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         cdt = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cdt)
-        if cdt not in _KERNEL_DTYPES:  # e.g. float64: the NF4 kernels compute in fp32/bf16/fp16 only
+        if cdt not in KERNEL_DTYPES:  # e.g. float64: the NF4 kernels compute in fp32/bf16/fp16 only
             return F.linear(x.to(cdt), self.dequantize().to(cdt), bias).to(x.dtype)
         y = ops.nf4_linear(x.to(cdt), self.weight, blocksize=self.quant_state.blocksize,
                            out_features=self.out_features, bias=bias, **self.quant_state.kernel_args())

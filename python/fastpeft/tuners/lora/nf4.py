@@ -183,26 +183,36 @@ class Linear4bit(Linear):
 
     # ---- forward ----
 
-    def _can_fuse(self, active: list[str], args: tuple, kwargs: dict) -> bool:
-        """Whether :meth:`_forward_fused` (one ``fastpeft.ops.qlora_linear`` call) computes this forward.
-
-        It could for one active plain-LoRA adapter (no DoRA, no lora_bias, no extra arguments, no autocast).
-        """
-        # Always False for now: the fused qlora_linear op lands with the NF4 matmul kernels.
-        return False
+    def _can_fuse(self, x: torch.Tensor, active: list[str], args: tuple, kwargs: dict) -> bool:
+        """Whether :meth:`_forward_fused` (one ``fastpeft.ops.qlora_linear`` call) computes this forward:
+        one active plain-LoRA adapter (no DoRA, no lora_bias) on a bare LinearNF4, no extra arguments, no
+        autocast, and a compute dtype the NF4 kernels take (fp32 / bf16 / fp16)."""
+        if len(active) != 1 or args or kwargs:
+            return False
+        name = active[0]
+        if name in self.lora_magnitude_vector or self.lora_bias.get(name, False):
+            return False
+        base = self.get_base_layer()
+        nf4 = _nf4_module()
+        if type(base) is not nf4.LinearNF4 or base.weight.device.type not in ("cpu", "cuda"):
+            return False
+        if (base.compute_dtype or x.dtype) not in nf4.KERNEL_DTYPES:
+            return False
+        return not torch.is_autocast_enabled(base.weight.device.type)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self._adapters_to_apply(x, args, kwargs)
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self._can_fuse(active, args, kwargs):
+        if self._can_fuse(x, active, args, kwargs):
             return self._forward_fused(x, active[0])
         return self._forward_unfused(x, active, *args, **kwargs)
 
     def _forward_fused(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """One adapter, no DoRA: ``fastpeft.ops.qlora_linear`` (NF4 matmul + LoRA in one op, seeded dropout).
 
-        Not reached until :meth:`_can_fuse` routes to it (the op lands with the NF4 matmul kernels).
+        The adapter runs in the compute dtype (adapters kept in float32 are cast to it), as the fused
+        ``nn.Linear`` path does.
         """
         from ... import ops
 
@@ -212,13 +222,10 @@ class Linear4bit(Linear):
         lora_A = self.lora_A[adapter].weight.to(cdt)
         lora_B = self.lora_B[adapter].weight.to(cdt)
         bias = None if base.bias is None else base.bias.to(cdt)
-        nested = state.nested
         y = ops.qlora_linear(
-            x.to(cdt), base.weight, state.absmax, state.blocksize, base.out_features, bias, lora_A, lora_B,
-            self.scaling[adapter], self._dropout_p(adapter), None,
-            nested_absmax=state.nested_absmax if nested else None,
-            nested_code=state.nested_code if nested else None,
-            offset=state.offset if nested else None,
+            x.to(cdt), base.weight, blocksize=state.blocksize, out_features=base.out_features, bias=bias,
+            lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter], dropout_p=self._dropout_p(adapter),
+            **state.kernel_args(),
         )
         return y.to(x.dtype)
 
