@@ -291,8 +291,8 @@ def _run_qlora(ctx: BenchContext, res: SuiteResult, shape: Dict[str, int], dtype
                "Linear4bit) and the same adapter weights (fp32, peft's autocast_adapter_dtype)",
                "speedup: median per-round peft+bnb ms / fastpeft ms (alternating steps)",
                "intermediate rounded up to a multiple of 64 (bitsandbytes' CPU dequantiser needs it)",
-               "fastpeft's LinearNF4 forward at the time of the run (dequantise + matmul until the fused NF4 "
-               "kernels land)"],
+               "fastpeft: fused qlora_linear (NF4 matmul + LoRA, seeded dropout); peft+bnb: Linear4bit "
+               "(dequantise + matmul) + peft's LoRA"],
     )
     ids = ids.remainder(shape["vocab"])
     for dropout in dropouts:

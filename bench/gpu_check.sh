@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # One-shot check on the GPU machine (H200, its own python3 + torch, no network):
 #   build fastpeft for sm_90a -> build_info -> pytest -m cuda -> python -m bench.run --device cuda
-#   -> the nf4_cuda suite (fused NF4 matmul kernels) when bench.common does not list it already
 # Run from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # Every stage has its own timeout and logs under $OUT; one stage failing does not stop the next.
-# Budget (defaults): build 240 s + info 45 s + tests 90 s + bench 130 s + nf4_cuda 40 s, about 9 minutes
+# Budget (defaults): build 240 s + info 45 s + tests 90 s + bench 170 s (every suite, nf4_cuda included), about 9 minutes
 # at most in all.
 set -u
 set -x
@@ -13,8 +12,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 T_BUILD="${T_BUILD:-240}"
 T_TEST="${T_TEST:-90}"
-T_BENCH="${T_BENCH:-130}"
-T_NF4="${T_NF4:-40}"
+T_BENCH="${T_BENCH:-170}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1      # no network there: never try to reach an index
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -54,16 +52,7 @@ tail -25 "$OUT/pytest_cuda.log"
 
 # 4. benchmarks on the GPU (tables to the log, JSON + PNG to $OUT/results)
 stage bench_cuda "$T_BENCH" "$OUT/bench_cuda.log" "$PY" -m bench.run --device cuda --out "$OUT/results" $BENCH_ARGS
-grep -E "^(== |dtype|dropout|bf16|fp32|0|  (PASS|MISS|n/a)|  !)" "$OUT/bench_cuda.log" | cut -c1-220 | tail -70
-
-# 5. the fused NF4 matmul suite (bench/bench_nf4_cuda.py), quick settings; skipped here once
-# bench.common.SUITE_MODULES lists it (then stage 4 has run it already)
-if ! "$PY" -c "import sys, bench.common as c; sys.exit(0 if 'bench.bench_nf4_cuda' in c.SUITE_MODULES else 1)" 2>/dev/null; then
-  stage bench_nf4_cuda "$T_NF4" "$OUT/bench_nf4_cuda.log" "$PY" -c \
-    "import sys, bench.bench_nf4_cuda; from bench.run import main; sys.exit(main(sys.argv[1:]))" \
-    --device cuda --only nf4_cuda --quick --out "$OUT/results"
-  grep -E "^(== |op|nf4_linear|grad_input|  note|  (PASS|MISS|n/a)|  !)" "$OUT/bench_nf4_cuda.log" | cut -c1-220 | tail -30
-fi
+grep -E "^(== |op|dtype|dropout|bf16|fp32|0|nf4_linear|grad_input|  (PASS|MISS|n/a)|  !)" "$OUT/bench_cuda.log" | cut -c1-220 | tail -90
 
 set +x
 echo "==== stages ===="; cat "$STATUS"

@@ -73,7 +73,7 @@ def test_demo_quick_reload_and_merge_checks_pass(tmp_path, capsys):
     out_dir = tmp_path / "adapter"
     result_json = tmp_path / "result.json"
     rc = cli.main(
-        ["demo", "--quick", "--no-progress", "--output-dir", str(out_dir), "--json", str(result_json)]
+        ["demo", "--quick", "--no-qlora", "--no-progress", "--output-dir", str(out_dir), "--json", str(result_json)]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -125,10 +125,11 @@ def test_demo_fails_when_the_reload_is_wrong(monkeypatch, capsys):
 
 
 def test_demo_quick_qlora(tmp_path, capsys):
-    """`fastpeft demo --qlora`: the base quantised to NF4 first, its memory shown; reload and merge checks pass."""
+    """`fastpeft demo` (QLoRA, the default): the base quantised to NF4 first, its memory shown; reload and merge
+    checks pass."""
     _require_model()
     result_json = tmp_path / "result.json"
-    rc = cli.main(["demo", "--quick", "--qlora", "--no-progress", "--json", str(result_json)])
+    rc = cli.main(["demo", "--quick", "--no-progress", "--json", str(result_json)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "NF4-quantised all-MiniLM-L6-v2 (QLoRA)" in out

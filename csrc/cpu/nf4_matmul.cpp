@@ -560,15 +560,19 @@ void grad_few_rows(const View& w, const at::Tensor& g, float* gacc) {
   grad_input_generic(w, gT.data(), N, gacc);
 }
 
-// Rows (or columns) of W per band of the many-row path: ~1 MiB of dequantised weights (a thread's
-// L2), at least 64 so the GEMM keeps a useful width.
-int64_t band_size(int64_t other_dim, int64_t elem) {
+// Rows (or columns) of W per band of the many-row path, out of `dim`: ~1 MiB of dequantised weights
+// (a thread's L2), but small enough that every thread gets at least two bands (a small layer as one
+// band would run on one core), and at least 64 so the GEMM keeps a useful width; a multiple of
+// `quantum`.
+int64_t band_size(int64_t dim, int64_t other_dim, int64_t elem, int64_t quantum) {
   static const int64_t bytes = [] {
     const char* env = std::getenv("FASTPEFT_NF4_BAND_BYTES");
     return env != nullptr ? std::atoll(env) : int64_t{1} << 20;
   }();
-  const int64_t b = bytes / std::max<int64_t>(other_dim * elem, 1);
-  return std::max<int64_t>(64, b / 16 * 16);
+  const int64_t by_cache = bytes / std::max<int64_t>(other_dim * elem, 1);
+  const int64_t per_thread = (dim + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t b = std::max<int64_t>(64, std::min(by_cache, per_thread));
+  return std::min(dim, std::max(quantum, (b + quantum - 1) / quantum * quantum));
 }
 
 // ---- ops ----------------------------------------------------------------------------------------
@@ -628,7 +632,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     }
     // Each thread takes bands in turn (decode into its own buffer, then a one-thread GEMM into the
     // band's columns of y): one parallel region per call, no barrier per band.
-    const int64_t band = std::min(out_features, band_size(in, sizeof(T)));
+    const int64_t band = band_size(out_features, in, sizeof(T), 16);
     parallel_pieces(0, out_features, band, [&](int64_t o0, int64_t o1) {
       const int64_t rows = o1 - o0;
       at::Tensor tile = cpu::scratch(2, rows, in, x.options());
@@ -672,8 +676,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
     // grad_x, put back in natural order at the end.
     const bool streams = fast_shape(w);
     at::Tensor gs = streams ? at::empty({N, in_features}, grad_y.options()) : gx;
-    int64_t band = std::min(in_features, band_size(out, sizeof(T)));
-    if (streams) band = std::max(kChunk, band / kChunk * kChunk);
+    const int64_t band = band_size(in_features, out, sizeof(T), streams ? kChunk : 16);
     parallel_pieces(0, in_features, band, [&](int64_t c0, int64_t c1) {  // as in nf4_linear_cpu
       const int64_t cols = c1 - c0;
       at::Tensor tile = cpu::scratch(2, out, cols, grad_y.options());

