@@ -43,3 +43,25 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, merged.eval()(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_readme_qlora_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## QLoRA: LoRA on NF4 weights"), "README.md:qlora", "exec"), ns)
+    assert (tmp_path / "my-qlora-adapter" / "adapter_model.safetensors").is_file()
+    assert ns["merged"].nf4_requantization_report.layers
+
+
+def test_readme_bnb_checkpoint_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_code_under("### Loading a bitsandbytes 4-bit checkpoint"), "README.md:bnb-4bit", "exec"), {})
+
+
+def test_readme_loftq_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## LoftQ"), "README.md:loftq", "exec"), ns)
+    assert (tmp_path / "loftq-adapter" / "adapter_config.json").is_file()
