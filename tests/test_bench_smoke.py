@@ -105,3 +105,50 @@ def test_nf4_suite_quick_tiny(tmp_path):
     assert all(r["fastpeft ms"] > 0 and r["bnb ms"] > 0 for r in rows)
     bandwidth = data["tables"][1]["rows"]
     assert [r["dtype"] for r in bandwidth] == ["fp32", "bf16"] and all(r["packed GB/s"] > 0 for r in bandwidth)
+
+
+def _run_lycoris_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"d": 64, "tokens": 32, "conv_channels": 16, "conv_hw": 8, "conv_batch": 1},
+    )
+    run.load_suites()
+    assert "lycoris" in common.SUITES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run.run_suite("lycoris", ctx, str(tmp_path), plot=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_lycoris_suite_quick_tiny(tmp_path):
+    import fastpeft
+
+    res = _run_lycoris_tiny(tmp_path)
+    data = json.loads((tmp_path / "lycoris-cpu.json").read_text())
+    lin, conv = data["tables"]
+    cases = {"lokr", "loha"}
+    conv_cases = {"conv block lora", "conv block loha", "conv block lokr"}
+    impls = {(r["case"], r["impl"]) for r in lin["rows"]} | {(r["case"], r["impl"]) for r in conv["rows"]}
+    assert {(c, i) for c in cases | conv_cases for i in ("base", "peft")} <= impls
+    assert all(r["ms"] > 0 for r in lin["rows"] + conv["rows"])
+    have = [hasattr(fastpeft, n) for n in ("LoKrConfig", "LoHaConfig")]
+    if all(have):
+        assert {(c, "fastpeft") for c in cases | conv_cases} <= impls, res.errors
+        assert not [e for e in res.errors if "mismatch" in e or "failed" in e], res.errors
+        assert any(r.kind == "speedup" and r.value for r in res.ratios)
+
+
+def test_lycoris_suite_without_fastpeft_tuners_reports_instead_of_crashing(tmp_path, monkeypatch):
+    import fastpeft
+
+    for name in ("LoKrConfig", "LoHaConfig"):
+        monkeypatch.delitem(fastpeft._LAZY, name, raising=False)
+        monkeypatch.delattr(fastpeft, name, raising=False)
+    res = _run_lycoris_tiny(tmp_path)
+    assert not any("crashed" in e for e in res.errors), res.errors
+    assert any("fastpeft lokr unavailable" in e and "LoKrConfig" in e for e in res.errors), res.errors
+    assert any("fastpeft loha unavailable" in e and "LoHaConfig" in e for e in res.errors), res.errors
+    rows = json.loads((tmp_path / "lycoris-cpu.json").read_text())["tables"][0]["rows"]
+    assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lokr", "loha") for i in ("base", "peft")}

@@ -72,6 +72,8 @@ class TaskType(str, enum.Enum):
 PEFT_TYPE_TO_CONFIG: dict[PeftType, type["PeftConfig"]] = {}
 _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "fastpeft.tuners.lora.config",
+    PeftType.LOHA: "fastpeft.tuners.loha.config",
+    PeftType.LOKR: "fastpeft.tuners.lokr.config",
 }
 
 
