@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -86,6 +86,37 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+def _eval_loss_mismatch(models, ids, reference: str, dtype, res: SuiteResult, label: str,
+                        prepare=lambda m: m) -> Optional[str]:
+    """Compares the eval losses of models[reference] and models["fastpeft"] (each first put in eval mode and
+    through `prepare`); returns what differs (also added to res.errors), or None."""
+    try:
+        with torch.no_grad():
+            for m in models.values():
+                prepare(m.eval())
+            lp, lf = (_loss(models[k], ids).float().item() for k in (reference, "fastpeft"))
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        if abs(lp - lf) <= tol * max(1.0, abs(lp)):
+            return None
+        mismatch = f"eval loss differs: {reference} {lp:.5f} vs fastpeft {lf:.5f}"
+    except Exception as exc:  # noqa: BLE001
+        mismatch = f"check failed: {type(exc).__name__}: {exc}"
+    res.errors.append(f"{label}: {mismatch}")
+    return mismatch
+
+
+def _saved_bytes(models, ids) -> Dict[str, int]:
+    """Bytes each model (in train mode) saves for backward in one forward."""
+    saved = {}
+    for k, m in models.items():
+        m.train()
+        sb, loss = measure_saved_bytes(lambda m=m: _loss(m, ids), params=list(m.parameters()))
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        saved[k] = sb
+    return saved
+
+
 def _make_step(model, ids, optimizer: bool = True):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if optimizer else None
@@ -134,26 +165,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         res.errors += [f"dropout {dropout}: {n}" for n in notes]
         mismatch = None
         if "fastpeft" in models:
-            try:
-                with torch.no_grad():
-                    for m in models.values():
-                        m.eval()
-                    lp, lf = (_loss(models[k], ids).float().item() for k in ("peft", "fastpeft"))
-                tol = 1e-3 if dtype == torch.float32 else 2e-2
-                if not abs(lp - lf) <= tol * max(1.0, abs(lp)):
-                    mismatch = f"eval loss differs: peft {lp:.5f} vs fastpeft {lf:.5f}"
-                    res.errors.append(f"dropout {dropout}: {mismatch}")
-            except Exception as exc:  # noqa: BLE001
-                mismatch = f"check failed: {type(exc).__name__}: {exc}"
-                res.errors.append(f"dropout {dropout}: {mismatch}")
-        for m in models.values():
-            m.train()
-        saved = {}
-        for k, m in models.items():
-            sb, loss = measure_saved_bytes(lambda m=m: _loss(m, ids), params=list(m.parameters()))
-            loss.backward()
-            m.zero_grad(set_to_none=True)
-            saved[k] = sb
+            mismatch = _eval_loss_mismatch(models, ids, "peft", dtype, res, f"dropout {dropout}")
+        saved = _saved_bytes(models, ids)
         steps = {}
         for k, m in models.items():
             steps[k], _ = _make_step(m, ids, optimizer=(k != "base"))
@@ -303,27 +316,9 @@ def _run_qlora(ctx: BenchContext, res: SuiteResult, shape: Dict[str, int], dtype
             res.errors.append(f"qlora dropout {dropout}: build failed: {type(exc).__name__}: {exc}")
             continue
         res.errors += [f"qlora dropout {dropout}: {n}" for n in notes]
-        mismatch = None
-        try:
-            with torch.no_grad():
-                for m in models.values():
-                    _bnb_train_mode(m.eval())
-                lp, lf = (_loss(models[k], ids).float().item() for k in ("peft+bnb", "fastpeft"))
-            tol = 1e-3 if dtype == torch.float32 else 2e-2
-            if not abs(lp - lf) <= tol * max(1.0, abs(lp)):
-                mismatch = f"eval loss differs: peft+bnb {lp:.5f} vs fastpeft {lf:.5f}"
-                res.errors.append(f"qlora dropout {dropout}: {mismatch}")
-        except Exception as exc:  # noqa: BLE001
-            mismatch = f"check failed: {type(exc).__name__}: {exc}"
-            res.errors.append(f"qlora dropout {dropout}: {mismatch}")
-        for m in models.values():
-            m.train()
-        saved = {}
-        for k, m in models.items():
-            sb, loss = measure_saved_bytes(lambda m=m: _loss(m, ids), params=list(m.parameters()))
-            loss.backward()
-            m.zero_grad(set_to_none=True)
-            saved[k] = sb
+        mismatch = _eval_loss_mismatch(models, ids, "peft+bnb", dtype, res, f"qlora dropout {dropout}",
+                                       prepare=_bnb_train_mode)
+        saved = _saved_bytes(models, ids)
         steps = {k: _make_step(m, ids)[0] for k, m in models.items()}
         peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
         ctx.log(f"llama qlora dropout={dropout}: timing {', '.join(steps)}")

@@ -553,3 +553,18 @@ def test_peft_model_load_adapter_add_adapter_and_switch(tmp_path):
     fm.set_adapter("c")
     close(logits(base, batch), logits(fm, batch), tol=1e-5)
     assert {n.split(".")[-1] for n, p in fm.named_parameters() if p.requires_grad} == {"c"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_helpers_equal_peft(method):
+    theirs, ours = pair(method, _kwargs(method, "patterns"))
+    for m in (theirs, ours):
+        layer = m.model.c1
+        layer.scale_layer(0.5)
+        a = dict(layer.scaling)
+        layer.set_scale("default", 3.0)
+        b = dict(layer.scaling)
+        layer.unscale_layer()
+        c = dict(layer.scaling)
+        m._scales = (a, b, c)
+    assert ours._scales == theirs._scales
