@@ -105,3 +105,16 @@ def test_nf4_suite_quick_tiny(tmp_path):
     assert all(r["fastpeft ms"] > 0 and r["bnb ms"] > 0 for r in rows)
     bandwidth = data["tables"][1]["rows"]
     assert [r["dtype"] for r in bandwidth] == ["fp32", "bf16"] and all(r["packed GB/s"] > 0 for r in bandwidth)
+
+
+def test_lycoris_ops_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32, torch.bfloat16], quick=True, warmup=1, repeats=2, min_sample_ms=0.5,
+        verbose=False, options={"d": 64, "tokens": 16},
+    )
+    run.load_suites()
+    assert "lycoris_ops" in common.SUITES
+    res = run.run_suite("lycoris_ops", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "lycoris_ops-cpu.json").read_text())["tables"][0]["rows"]
+    assert len(rows) == 8 and all(r["status"] == "ok" and r["fastpeft ms"] > 0 for r in rows)

@@ -8,23 +8,15 @@ import torch
 from fastpeft import ops
 from fastpeft import reference as ref
 
+from _op_testing import DTYPES, NS, close, rand_x
+
 fp = torch.ops.fastpeft
 
-TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-10}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (out, in, r1, r2); the last has r1 + r2 > 64 (the GEMM fallback of the fused pass).
 SHAPES = [(5, 7, 2, 3), (1, 1, 1, 1), (33, 17, 4, 4), (8, 65, 8, 1), (6, 300, 3, 5), (9, 11, 35, 35)]
-NS = [0, 1, 5, 33]
 STRATEGIES = {"auto": 0, "materialize": 1, "facesplit": 2}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def close(actual, expected, dtype, what=""):
-    tol = TOL[dtype]
-    expected = expected.double()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
 def make(out_f, in_f, r1, r2, dtype=torch.float32, device="cpu", seed=0):
@@ -34,11 +26,6 @@ def make(out_f, in_f, r1, r2, dtype=torch.float32, device="cpu", seed=0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(device)
 
     return [rnd(out_f, r1, s=r1**-0.5), rnd(r1, in_f), rnd(out_f, r2, s=r2**-0.5), rnd(r2, in_f)]
-
-
-def rand_x(n, features, dtype, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed + n)
-    return torch.randn(n, features, generator=g, dtype=torch.float64).to(dtype).to(device)
 
 
 @pytest.fixture(params=list(STRATEGIES))

@@ -8,23 +8,15 @@ import torch
 from fastpeft import ops
 from fastpeft import reference as ref
 
+from _op_testing import DTYPES, NS, close, rand_x
+
 fp = torch.ops.fastpeft
 
-TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-10}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (a, b, c, d): W1 [a, c], W2 [b, d]; odd, non-square, unit factors.
 FACTORS = [(2, 3, 5, 7), (7, 1, 1, 6), (1, 1, 1, 1), (4, 5, 3, 2), (3, 7, 6, 7)]
 MODES = ["full/full", "low/full", "full/low", "low/low"]
-NS = [0, 1, 5, 33]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def close(actual, expected, dtype, what=""):
-    tol = TOL[dtype]
-    expected = expected.double()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
 def make(a, b, c, d, mode, dtype=torch.float32, device="cpu", r1=2, r2=2, seed=0):
@@ -45,11 +37,6 @@ def make(a, b, c, d, mode, dtype=torch.float32, device="cpu", r1=2, r2=2, seed=0
     else:
         kw["w2_a"], kw["w2_b"] = rnd(b, r2), rnd(r2, d)
     return kw
-
-
-def rand_x(n, features, dtype, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed + n)
-    return torch.randn(n, features, generator=g, dtype=torch.float64).to(dtype).to(device)
 
 
 def _check_fwd_bwd(x, kw, scale, dtype):

@@ -19,6 +19,16 @@
 
 namespace fastpeft::cpu {
 
+// Elementwise math in float32 for bf16/fp16/fp32 inputs, float64 for float64.
+template <class T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
 FASTPEFT_INLINE float ld(float v) { return v; }
 FASTPEFT_INLINE double ld(double v) { return v; }
 FASTPEFT_INLINE float ld(c10::Half v) { return static_cast<float>(v); }

@@ -23,14 +23,7 @@ using cpu::st;
 
 constexpr int64_t kSeg = 256;  // columns per segment (two fp32 accumulators = 2 KiB, in L1)
 
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
+using cpu::OpMath;
 
 // p1[j] = sum_p a1[p] b1[p * ld + j], p2 likewise; j < len.
 template <class M>
@@ -109,6 +102,29 @@ inline int64_t grain_rows(int64_t cols, int64_t r) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols * std::max<int64_t>(r, 1), 1));
 }
 
+// Calls f(e, len, p1, p2) for every row segment [e, e + len) of the [rows, cols] output, with
+// p1 = (A1 B1)[segment] and p2 = (A2 B2)[segment] in op-math; rows split over threads.
+template <class M, class F>
+void for_each_product_segment(const at::Tensor& A1, const at::Tensor& B1, const at::Tensor& A2,
+                              const at::Tensor& B2, int64_t rows, int64_t cols, F&& f) {
+  const int64_t r1 = A1.size(1), r2 = A2.size(1);
+  const M* a1 = A1.const_data_ptr<M>();
+  const M* b1 = B1.const_data_ptr<M>();
+  const M* a2 = A2.const_data_ptr<M>();
+  const M* b2 = B2.const_data_ptr<M>();
+  at::parallel_for(0, rows, grain_rows(cols, r1 + r2), [&](int64_t rb, int64_t re) {
+    alignas(64) M p1[kSeg];
+    alignas(64) M p2[kSeg];
+    for (int64_t o = rb; o < re; ++o) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kSeg) {
+        const int64_t len = std::min(kSeg, cols - c0);
+        products(a1 + o * r1, b1 + c0, r1, a2 + o * r2, b2 + c0, r2, cols, len, p1, p2);
+        f(o * cols + c0, len, p1, p2);
+      }
+    }
+  });
+}
+
 struct CpuHadamardBackend {
   struct Guard {
     explicit Guard(c10::Device) {}
@@ -116,54 +132,29 @@ struct CpuHadamardBackend {
 
   static void delta(const at::Tensor& A1, const at::Tensor& B1, const at::Tensor& A2, const at::Tensor& B2,
                     double s, at::Tensor& out) {
-    const int64_t rows = out.size(0), cols = out.size(1), r1 = A1.size(1), r2 = A2.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fastpeft_hadamard_delta", [&] {
       using M = typename OpMath<scalar_t>::type;
-      const M* a1 = A1.const_data_ptr<M>();
-      const M* b1 = B1.const_data_ptr<M>();
-      const M* a2 = A2.const_data_ptr<M>();
-      const M* b2 = B2.const_data_ptr<M>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       const M sc = static_cast<M>(s);
-      at::parallel_for(0, rows, grain_rows(cols, r1 + r2), [&](int64_t rb, int64_t re) {
-        alignas(64) M p1[kSeg];
-        alignas(64) M p2[kSeg];
-        for (int64_t o = rb; o < re; ++o) {
-          for (int64_t c0 = 0; c0 < cols; c0 += kSeg) {
-            const int64_t len = std::min(kSeg, cols - c0);
-            products(a1 + o * r1, b1 + c0, r1, a2 + o * r2, b2 + c0, r2, cols, len, p1, p2);
-            delta_store(p1, p2, sc, len, op + o * cols + c0);
-          }
-        }
-      });
+      for_each_product_segment<M>(A1, B1, A2, B2, out.size(0), out.size(1),
+                                  [&](int64_t e, int64_t len, const M* p1, const M* p2) {
+                                    delta_store(p1, p2, sc, len, op + e);
+                                  });
     });
   }
 
   static void delta_grads(const at::Tensor& G, const at::Tensor& A1, const at::Tensor& B1, const at::Tensor& A2,
                           const at::Tensor& B2, double s, at::Tensor& H1, at::Tensor& H2) {
-    const int64_t rows = G.size(0), cols = G.size(1), r1 = A1.size(1), r2 = A2.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.scalar_type(), "fastpeft_hadamard_delta_grads", [&] {
       using M = typename OpMath<scalar_t>::type;
-      const M* a1 = A1.const_data_ptr<M>();
-      const M* b1 = B1.const_data_ptr<M>();
-      const M* a2 = A2.const_data_ptr<M>();
-      const M* b2 = B2.const_data_ptr<M>();
       const scalar_t* gp = G.const_data_ptr<scalar_t>();
       M* h1 = H1.mutable_data_ptr<M>();
       M* h2 = H2.mutable_data_ptr<M>();
       const M sc = static_cast<M>(s);
-      at::parallel_for(0, rows, grain_rows(cols, r1 + r2), [&](int64_t rb, int64_t re) {
-        alignas(64) M p1[kSeg];
-        alignas(64) M p2[kSeg];
-        for (int64_t o = rb; o < re; ++o) {
-          for (int64_t c0 = 0; c0 < cols; c0 += kSeg) {
-            const int64_t len = std::min(kSeg, cols - c0);
-            const int64_t e = o * cols + c0;
-            products(a1 + o * r1, b1 + c0, r1, a2 + o * r2, b2 + c0, r2, cols, len, p1, p2);
-            grads_store(gp + e, p1, p2, sc, len, h1 + e, h2 + e);
-          }
-        }
-      });
+      for_each_product_segment<M>(A1, B1, A2, B2, G.size(0), G.size(1),
+                                  [&](int64_t e, int64_t len, const M* p1, const M* p2) {
+                                    grads_store(gp + e, p1, p2, sc, len, h1 + e, h2 + e);
+                                  });
     });
   }
 

@@ -15,29 +15,15 @@
 
 #include <algorithm>
 
+#include "common/cuda_launch.cuh"
 #include "common/hadamard_impl.h"
 
 namespace fastpeft {
 namespace {
 
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline dim3 row_grid(int64_t rows, int64_t cols) {
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(cols, kThreads))),
-              static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridY)));
-}
+using cuda::kThreads;
+using cuda::OpMath;
+using cuda::row_grid;
 
 template <class M>
 __device__ __forceinline__ void products(const M* __restrict__ a1, const M* __restrict__ b1, int r1,
