@@ -8,7 +8,7 @@ import torch
 from fastpeft import ops
 from fastpeft import reference as ref
 
-from _op_testing import DTYPES, NS, close, rand_x
+from _op_testing import DTYPES, NS, check_vs_reference, close, rand_x
 
 fp = torch.ops.fastpeft
 
@@ -35,20 +35,11 @@ def strategy(request, monkeypatch):
 
 
 def _check_linear(x, ws, scale, dtype):
-    xs = x.detach().clone().requires_grad_(True)
-    wss = [w.detach().clone().requires_grad_(True) for w in ws]
-    y = ops.hadamard_linear(xs, *wss, scale=scale)
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = [w.detach().double().requires_grad_(True) for w in ws]
-    y64 = ref.hadamard_linear(x64, *w64, scale=scale)
-    assert y.dtype == dtype and y.shape == y64.shape
-    close(y, y64, dtype, "y")
-    gy = torch.randn(y64.shape, dtype=torch.float64).to(dtype).to(x.device)
-    y.backward(gy)
-    y64.backward(gy.double())
-    close(xs.grad, x64.grad, dtype, "grad x")
-    for name, a, b in zip(("w1_a", "w1_b", "w2_a", "w2_b"), wss, w64):
-        close(a.grad, b.grad, dtype, f"grad {name}")
+    """Forward and all gradients of ops.hadamard_linear vs the float64 reference on the same values."""
+    names = ("w1_a", "w1_b", "w2_a", "w2_b")
+    check_vs_reference(lambda x, **w: ops.hadamard_linear(x, *(w[k] for k in names), scale=scale),
+                       lambda x, **w: ref.hadamard_linear(x, *(w[k] for k in names), scale=scale),
+                       {"x": x, **dict(zip(names, ws))}, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

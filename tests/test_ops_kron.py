@@ -8,7 +8,7 @@ import torch
 from fastpeft import ops
 from fastpeft import reference as ref
 
-from _op_testing import DTYPES, NS, close, rand_x
+from _op_testing import DTYPES, NS, check_vs_reference, close, rand_x
 
 fp = torch.ops.fastpeft
 
@@ -41,20 +41,8 @@ def make(a, b, c, d, mode, dtype=torch.float32, device="cpu", r1=2, r2=2, seed=0
 
 def _check_fwd_bwd(x, kw, scale, dtype):
     """Forward and all gradients of ops.kron_linear vs the float64 reference on the same values."""
-    xs = x.detach().clone().requires_grad_(True)
-    kws = {k: v.detach().clone().requires_grad_(True) for k, v in kw.items()}
-    y = ops.kron_linear(xs, scale=scale, **kws)
-    x64 = x.detach().double().requires_grad_(True)
-    kw64 = {k: v.detach().double().requires_grad_(True) for k, v in kw.items()}
-    y64 = ref.kron_linear(x64, scale=scale, **kw64)
-    assert y.dtype == dtype and y.shape == y64.shape
-    close(y, y64, dtype, "y")
-    gy = torch.randn(y64.shape, dtype=torch.float64).to(dtype).to(x.device)
-    y.backward(gy)
-    y64.backward(gy.double())
-    close(xs.grad, x64.grad, dtype, "grad x")
-    for k in kw:
-        close(kws[k].grad, kw64[k].grad, dtype, f"grad {k}")
+    check_vs_reference(lambda x, **w: ops.kron_linear(x, scale=scale, **w),
+                       lambda x, **w: ref.kron_linear(x, scale=scale, **w), {"x": x, **kw}, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

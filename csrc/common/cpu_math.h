@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/opmath.h"
+
 // Compiled for AVX-512, AVX2 and the baseline and picked at load time, so the wheel runs on any
 // x86-64 CPU without -march=native.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
@@ -19,15 +21,7 @@
 
 namespace fastpeft::cpu {
 
-// Elementwise math in float32 for bf16/fp16/fp32 inputs, float64 for float64.
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
+using fastpeft::OpMath;
 
 FASTPEFT_INLINE float ld(float v) { return v; }
 FASTPEFT_INLINE double ld(double v) { return v; }

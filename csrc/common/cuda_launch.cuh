@@ -1,5 +1,5 @@
 // Launch helpers shared by the elementwise CUDA kernel files (lora.cu, hadamard.cu): the op-math
-// type and the [rows, cols] grid shape (x over columns, y over rows with a grid-stride loop past
+// type (common/opmath.h) and the [rows, cols] grid shape (x over columns, y over rows with a grid-stride loop past
 // 65535), so kernels need no 64-bit division.
 #pragma once
 #include <cuda_runtime.h>
@@ -7,17 +7,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/opmath.h"
+
 namespace fastpeft::cuda {
 
-// Elementwise math in float32 for bf16/fp16/fp32 inputs, float64 for float64.
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
+using fastpeft::OpMath;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
