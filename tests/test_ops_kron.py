@@ -199,3 +199,17 @@ def test_cuda_kron_gradcheck_opcheck():
         xf, wf = _op_args(mode, torch.float32, "cuda")
         torch.library.opcheck(fp.kron_forward.default,
                               (xf.requires_grad_(True), *[None if w is None else w.requires_grad_(True) for w in wf], 0.5))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kron_row_blocks_on_threads(mode):
+    # in = 1024: the CPU runs 16-row blocks split over threads, each accumulating its own factor
+    # gradients; the sum must match the reference (N = 100 leaves a partial last block).
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            kw = make(6, 5, 32, 32, mode, dtype, r1=3, r2=4)
+            _check_fwd_bwd(rand_x(100, 1024, dtype), kw, 0.5, dtype)
+    finally:
+        torch.set_num_threads(before)

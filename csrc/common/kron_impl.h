@@ -11,8 +11,15 @@
 //     gT = (s W1)^T G (batched),   grad_W1 = s sum_n G_n T_n^T (one GEMM over the N b contraction),
 //     grad_W2 = gT^T X, grad_X = gT W2   (or through P: grad_w2_a = gT^T P, gP = gT w2_a,
 //     grad_w2_b = gP^T X, grad_X = gP w2_b).
-// Everything is ATen GEMMs on the current stream (MKL/oneDNN on the CPU, cuBLAS on CUDA); the
-// backend only supplies the device guard. All tensors share x's dtype (the compute dtype).
+// Everything is ATen GEMMs on the current stream (MKL/oneDNN on the CPU, cuBLAS on CUDA), run per
+// row block: the backend BK supplies
+//   using Guard;                              // device guard from an at::Device
+//   int64_t kron_block_rows(n, in, dtype);    // rows of x per block
+//   int64_t kron_workers();                   // how many blocks may run at once
+//   void for_row_blocks(n, rows, f);          // f(r0, r1, worker) for every block, worker < kron_workers()
+// The CPU runs small fp32/fp64 blocks on separate threads (each block's T and gT stay in L2; the
+// whole-problem GEMMs' skinny [N c, 32] operands run at memory speed); bf16/fp16 and CUDA run one
+// block. All tensors share x's dtype (the compute dtype); factor-gradient sums are op-math.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -123,11 +130,18 @@ at::Tensor kron_forward_impl(const at::Tensor& x, const std::optional<at::Tensor
   const int64_t n = k.n, a = k.w1.rows, c = k.w1.cols, b = k.w2.rows;
   if (n == 0 || a * b == 0) return at::zeros({n, a * b}, x.options());
   if (c * k.w2.cols == 0) return at::zeros({n, a * b}, x.options());
-  at::Tensor P;
-  const at::Tensor T = kron_t(kron_rows(x, k), k, &P).view({n, c, b});
+  const at::Tensor X = kron_rows(x, k).contiguous();
   const at::Tensor W1s = k.w1.dense().mul(scale);
   at::Tensor y = at::empty({n, a, b}, x.options());
-  at::bmm_out(y, W1s.unsqueeze(0).expand({n, a, c}), T);
+  // Per row block (the CPU runs blocks on separate threads so each block's T stays in cache):
+  // T_b = X_b W2^T, Y_b = W1s T_b.
+  BK::for_row_blocks(n, BK::kron_block_rows(n, c * k.w2.cols, x.scalar_type()), [&](int64_t r0, int64_t r1, int64_t) {
+    const int64_t m = r1 - r0;
+    at::Tensor P;
+    const at::Tensor T = kron_t(X.narrow(0, r0 * c, m * c), k, &P).view({m, c, b});
+    at::Tensor yb = y.narrow(0, r0, m);
+    at::bmm_out(yb, W1s.unsqueeze(0).expand({m, a, c}), T);
+  });
   return y.view({n, a * b});
 }
 
@@ -157,18 +171,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_back
     auto [g2, g2b] = zeros_like_factor(k.w2);
     return {at::zeros({n, c * d}, opts), g1, g1b, g2, g2b};
   }
-  const at::Tensor X = kron_rows(x, k);
-  at::Tensor P;
-  const at::Tensor T = kron_t(X, k, &P).view({n, c, b});
+  const at::Tensor X = kron_rows(x, k).contiguous();
   const at::Tensor W1 = k.w1.dense();
-  const at::Tensor G = grad_y.reshape({n, a, b});
-
-  // gT = (s W1)^T G_n, batched over N.
-  at::Tensor gT = at::empty({n, c, b}, opts);
-  at::bmm_out(gT, W1.t().mul(scale).unsqueeze(0).expand({n, c, a}), G);
-  // grad_W1 = s sum_n G_n T_n^T: one GEMM with (n, j) as the contraction ([a, N b] x [N b, c]).
-  at::Tensor gW1 = at::mm(G.permute({1, 0, 2}).reshape({a, n * b}), T.permute({0, 2, 1}).reshape({n * b, c}));
-  gW1.mul_(scale);
+  const at::Tensor W1sT = W1.t().mul(scale).contiguous();
+  const at::Tensor G = grad_y.reshape({n, a, b}).contiguous();
+  const at::Tensor W2 = k.through_p ? at::Tensor() : k.w2.dense();
+  const int64_t r = k.w2.rank;
+  // Factor gradients accumulate per worker (in the op-math type) and are summed at the end.
+  const at::ScalarType op = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t workers = BK::kron_workers();
+  at::Tensor accW1 = at::zeros({workers, a, c}, opts.dtype(op));
+  at::Tensor acc2 = k.through_p ? at::zeros({workers, b, r}, opts.dtype(op)) : at::zeros({workers, b, d}, opts.dtype(op));
+  at::Tensor acc2b = k.through_p ? at::zeros({workers, r, d}, opts.dtype(op)) : at::Tensor();
+  at::Tensor gX = at::empty({n * c, d}, opts);
+  auto acc_mm = [](at::Tensor acc, const at::Tensor& l, const at::Tensor& rt) {
+    if (acc.scalar_type() == l.scalar_type()) {
+      acc.addmm_(l, rt);
+    } else {
+      acc.add_(at::mm(l, rt));
+    }
+  };
+  // Per row block (on the CPU, blocks on separate threads, so T_b and gT_b stay in cache):
+  //   T_b = X_b W2^T;  gT_b = (s W1)^T G_b;  grad_W1 += G_b (n, j) . T_b (n, j);
+  //   grad_W2 += gT_b^T X_b;  gX_b = gT_b W2   (or through P, see the file comment).
+  BK::for_row_blocks(n, BK::kron_block_rows(n, c * d, x.scalar_type()), [&](int64_t r0, int64_t r1, int64_t w) {
+    const int64_t m = r1 - r0;
+    const at::Tensor Xb = X.narrow(0, r0 * c, m * c);
+    const at::Tensor Gb = G.narrow(0, r0, m);
+    at::Tensor P;
+    const at::Tensor T = kron_t(Xb, k, &P);  // [m c, b]
+    at::Tensor gT = at::empty({m, c, b}, opts);
+    at::bmm_out(gT, W1sT.unsqueeze(0).expand({m, c, a}), Gb);
+    acc_mm(accW1.select(0, w), Gb.permute({1, 0, 2}).reshape({a, m * b}),
+           T.view({m, c, b}).permute({1, 0, 2}).reshape({c, m * b}).t());
+    const at::Tensor gT2 = gT.view({m * c, b});
+    at::Tensor gXb = gX.narrow(0, r0 * c, m * c);
+    if (k.through_p) {
+      acc_mm(acc2.select(0, w), gT2.t(), P);            // grad_w2_a [b, r]
+      const at::Tensor gP = at::mm(gT2, k.w2.a);        // [m c, r]
+      acc_mm(acc2b.select(0, w), gP.t(), Xb);           // grad_w2_b [r, d]
+      at::mm_out(gXb, gP, k.w2.b);
+    } else {
+      acc_mm(acc2.select(0, w), gT2.t(), Xb);           // grad_W2 [b, d]
+      at::mm_out(gXb, gT2, W2);
+    }
+  });
+  const at::Tensor gW1 = accW1.sum(0).mul_(scale).to(x.scalar_type());
   at::Tensor g1, g1b;
   if (k.w1.low_rank()) {
     g1 = at::mm(gW1, k.w1.b.t());
@@ -177,18 +225,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_back
     g1 = gW1;
     g1b = empty0();
   }
-
-  const at::Tensor gT2 = gT.view({n * c, b});
-  at::Tensor g2, g2b, gX;
+  at::Tensor g2, g2b;
   if (k.through_p) {
-    g2 = at::mm(gT2.t(), P);               // grad_w2_a [b, r]
-    const at::Tensor gP = at::mm(gT2, k.w2.a);  // [N c, r]
-    g2b = at::mm(gP.t(), X);               // grad_w2_b [r, d]
-    gX = at::mm(gP, k.w2.b);               // [N c, d]
+    g2 = acc2.sum(0).to(x.scalar_type());
+    g2b = acc2b.sum(0).to(x.scalar_type());
   } else {
-    const at::Tensor W2 = k.w2.dense();
-    const at::Tensor gW2 = at::mm(gT2.t(), X);  // [b, d]
-    gX = at::mm(gT2, W2);
+    const at::Tensor gW2 = acc2.sum(0).to(x.scalar_type());
     if (k.w2.low_rank()) {
       g2 = at::mm(gW2, k.w2.b.t());
       g2b = at::mm(k.w2.a.t(), gW2);
