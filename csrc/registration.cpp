@@ -89,4 +89,38 @@ TORCH_LIBRARY(fastpeft, m) {
       "qlora_backward(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
       "Tensor? nested_code, Tensor? offset, int blocksize, Tensor lora_A, Tensor lora_B, Tensor u, "
       "float scaling, float dropout_p, Tensor seed, bool need_grad_x=True) -> (Tensor, Tensor, Tensor)");
+
+  // ---- kron family (LoKr) ------------------------------------------------------------------
+  // y = scale x (W1 kron W2)^T, x [N, c*d], y [N, a*b], computed input-centrically (the Kronecker
+  // product is never built): X = x viewed [N, c, d], T = X W2^T [N, c, b], Y = W1 T [N, a, b].
+  // W1 [a, c] is w1, or w1_a [a, r1] @ w1_b [r1, c] (exactly one of the two given); W2 [b, d] is
+  // w2, or w2_a [b, r2] @ w2_b [r2, d] (then T = (X w2_b^T) w2_a^T when that is cheaper).
+  m.def(
+      "kron_forward(Tensor x, Tensor? w1, Tensor? w1_a, Tensor? w1_b, Tensor? w2, Tensor? w2_a, "
+      "Tensor? w2_b, float scale) -> Tensor");
+  // Returns (grad_x, grad_1, grad_1b, grad_2, grad_2b): grad_1 is grad_w1 (w1 given) or grad_w1_a,
+  // grad_1b is grad_w1_b or an empty [0] tensor; likewise for W2. T is recomputed, not saved.
+  m.def(
+      "kron_backward(Tensor grad_y, Tensor x, Tensor? w1, Tensor? w1_a, Tensor? w1_b, Tensor? w2, "
+      "Tensor? w2_a, Tensor? w2_b, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- hadamard family (LoHa) --------------------------------------------------------------
+  // dW = scale (w1_a w1_b) * (w2_a w2_b)   (w1_a [out, r1], w1_b [r1, in], w2_a [out, r2],
+  // w2_b [r2, in]), both products and the elementwise product in one fused pass.
+  m.def("hadamard_delta(Tensor w1_a, Tensor w1_b, Tensor w2_a, Tensor w2_b, float scale) -> Tensor");
+  // Gradients of the four factors from grad [out, in]; the two products are recomputed.
+  m.def(
+      "hadamard_delta_backward(Tensor grad, Tensor w1_a, Tensor w1_b, Tensor w2_a, Tensor w2_b, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y = x dW^T, x [N, in]. strategy: 0 = pick the cheaper per shape, 1 = materialise dW (fused)
+  // then one GEMM, 2 = face-splitting: y = (x (w1_b^T . w2_b^T)) (scale w1_a . w2_a)^T with '.'
+  // the row-wise Kronecker product ([in, r1 r2] and [out, r1 r2]), O(N d r1 r2).
+  m.def(
+      "hadamard_linear_forward(Tensor x, Tensor w1_a, Tensor w1_b, Tensor w2_a, Tensor w2_b, "
+      "float scale, int strategy=0) -> Tensor");
+  // Returns (grad_x, grad_w1_a, grad_w1_b, grad_w2_a, grad_w2_b); everything recomputed from x and
+  // the factors (dW or the [N, r1 r2] projection), nothing saved but those.
+  m.def(
+      "hadamard_linear_backward(Tensor grad_y, Tensor x, Tensor w1_a, Tensor w1_b, Tensor w2_a, "
+      "Tensor w2_b, float scale, int strategy=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

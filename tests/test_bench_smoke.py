@@ -152,3 +152,16 @@ def test_lycoris_suite_without_fastpeft_tuners_reports_instead_of_crashing(tmp_p
     assert any("fastpeft loha unavailable" in e and "LoHaConfig" in e for e in res.errors), res.errors
     rows = json.loads((tmp_path / "lycoris-cpu.json").read_text())["tables"][0]["rows"]
     assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lokr", "loha") for i in ("base", "peft")}
+
+
+def test_lycoris_ops_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32, torch.bfloat16], quick=True, warmup=1, repeats=2, min_sample_ms=0.5,
+        verbose=False, options={"d": 64, "tokens": 16},
+    )
+    run.load_suites()
+    assert "lycoris_ops" in common.SUITES
+    res = run.run_suite("lycoris_ops", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "lycoris_ops-cpu.json").read_text())["tables"][0]["rows"]
+    assert len(rows) == 8 and all(r["status"] == "ok" and r["fastpeft ms"] > 0 for r in rows)

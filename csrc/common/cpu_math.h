@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/opmath.h"
+
 // Compiled for AVX-512, AVX2 and the baseline and picked at load time, so the wheel runs on any
 // x86-64 CPU without -march=native.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
@@ -18,6 +20,8 @@
 #define FASTPEFT_INLINE __attribute__((always_inline)) inline
 
 namespace fastpeft::cpu {
+
+using fastpeft::OpMath;
 
 FASTPEFT_INLINE float ld(float v) { return v; }
 FASTPEFT_INLINE double ld(double v) { return v; }

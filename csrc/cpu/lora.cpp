@@ -25,15 +25,7 @@ namespace {
 
 constexpr int64_t kBlock = 256;  // columns per multiplier block (strided inputs only)
 
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
+using cpu::OpMath;
 using cpu::ld;
 using cpu::st;
 

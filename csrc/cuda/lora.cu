@@ -18,32 +18,18 @@
 
 #include <algorithm>
 
+#include "common/cuda_launch.cuh"
 #include "common/lora_impl.h"
 #include "common/qlora_impl.h"
 
 namespace fastpeft {
 namespace {
 
-template <class T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Grid over a [rows, cols] chunk: x covers columns, y covers rows (grid-stride over rows beyond
-// 65535), so kernels need no 64-bit division.
-inline dim3 row_grid(int64_t rows, int64_t cols) {
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(cols, kThreads))),
-              static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridY)));
-}
+using cuda::ceil_div;
+using cuda::kMaxGridY;
+using cuda::kThreads;
+using cuda::OpMath;
+using cuda::row_grid;
 
 template <class M>
 __device__ __forceinline__ M keep_mult(uint64_t seed, uint32_t thr, M scale, uint64_t idx) {

@@ -12,6 +12,7 @@ makes runs reproducible and activation checkpointing recomputes the same mask.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,9 @@ __all__ = [
     "blockwise8_dequantize",
     "nf4_linear",
     "qlora_linear",
+    "kron_linear",
+    "hadamard_delta",
+    "hadamard_linear",
 ]
 
 _ops = torch.ops.fastpeft
@@ -819,3 +823,306 @@ def qlora_linear(
     y, _ = _ops.qlora_forward(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
                               float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+# ---- kron family (LoKr) ---------------------------------------------------------------------------
+#
+# y = scale * x (W1 kron W2)^T computed input-centrically (csrc/common/kron_impl.h): the Kronecker
+# product is never built; backward recomputes the [N, c, b] intermediate instead of saving it.
+
+
+def _kron_factor_check(x: Tensor, w, w_a, w_b, name: str) -> Tuple[int, int]:
+    """Checks one Kronecker factor (w, or w_a @ w_b) against x; returns its (rows, cols)."""
+    a_name, b_name = f"{name}_a", f"{name}_b"
+    if (w_a is None) != (w_b is None):
+        given = a_name if w_a is not None else b_name
+        raise ValueError(f"give both '{a_name}' and '{b_name}' or neither (got only '{given}')")
+    if (w is None) == (w_a is None):
+        got = "both" if w is not None else "neither"
+        raise ValueError(f"give exactly one of '{name}' or ('{a_name}', '{b_name}'), got {got}")
+    if w is not None:
+        _check_tensor(w, name, 2)
+        _check_same(w, x, name, "x")
+        return int(w.shape[0]), int(w.shape[1])
+    _check_tensor(w_a, a_name, 2)
+    _check_tensor(w_b, b_name, 2)
+    _check_same(w_a, x, a_name, "x")
+    _check_same(w_b, x, b_name, "x")
+    if w_a.shape[1] != w_b.shape[0]:
+        raise ValueError(
+            f"'{a_name}' has rank {w_a.shape[1]} (shape {tuple(w_a.shape)}) but '{b_name}' has rank "
+            f"{w_b.shape[0]} (shape {tuple(w_b.shape)}); {a_name} is [rows, r], {b_name} is [r, cols]"
+        )
+    return int(w_a.shape[0]), int(w_b.shape[1])
+
+
+def _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale) -> Tuple[int, int]:
+    """Returns (in_features, out_features)."""
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    a, c = _kron_factor_check(x, w1, w1_a, w1_b, "w1")
+    b, d = _kron_factor_check(x, w2, w2_a, w2_b, "w2")
+    if x.shape[-1] != c * d:
+        raise ValueError(
+            f"'x' has last dim {x.shape[-1]} but W1 has {c} columns and W2 has {d}: in_features must be "
+            f"W1.shape[1] * W2.shape[1] = {c * d}"
+        )
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"'scale' must be a float, got {type(scale).__name__}")
+    return c * d, a * b
+
+
+def _kron_rows(w, w_a) -> int:
+    return int(w.shape[0]) if w is not None else int(w_a.shape[0])
+
+
+@torch.library.register_fake("fastpeft::kron_forward")
+def _kron_forward_fake(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale):
+    if x.dim() != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    _, out_f = _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale)
+    return x.new_empty((x.shape[0], out_f))
+
+
+def _kron_grad_pair(x, w, w_a, w_b):
+    if w is not None:
+        return w.new_empty(w.shape), x.new_empty((0,))
+    return w_a.new_empty(w_a.shape), w_b.new_empty(w_b.shape)
+
+
+@torch.library.register_fake("fastpeft::kron_backward")
+def _kron_backward_fake(grad_y, x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale):
+    if x.dim() != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale)
+    g1, g1b = _kron_grad_pair(x, w1, w1_a, w1_b)
+    g2, g2b = _kron_grad_pair(x, w2, w2_a, w2_b)
+    return x.new_empty(x.shape), g1, g1b, g2, g2b
+
+
+def _kron_setup(ctx, inputs, output):
+    x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(x, w1, w1_a, w1_b, w2, w2_a, w2_b)
+
+
+def _kron_backward(ctx, grad_y):
+    x, w1, w1_a, w1_b, w2, w2_a, w2_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None or not any(need[:7]):
+        return (None,) * 8
+    gx, g1, g1b, g2, g2b = _ops.kron_backward(grad_y, x, w1, w1_a, w1_b, w2, w2_a, w2_b, ctx.scale)
+    grads = [gx, None, None, None, None, None, None, None]
+    if w1 is not None:
+        grads[1] = g1
+    else:
+        grads[2], grads[3] = g1, g1b
+    if w2 is not None:
+        grads[4] = g2
+    else:
+        grads[5], grads[6] = g2, g2b
+    return tuple(g if (i < 7 and need[i]) else None for i, g in enumerate(grads))
+
+
+torch.library.register_autograd("fastpeft::kron_forward", _kron_backward, setup_context=_kron_setup)
+
+
+def kron_linear(
+    x: Tensor,
+    w1: Optional[Tensor] = None,
+    w2: Optional[Tensor] = None,
+    *,
+    w1_a: Optional[Tensor] = None,
+    w1_b: Optional[Tensor] = None,
+    w2_a: Optional[Tensor] = None,
+    w2_b: Optional[Tensor] = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """LoKr: ``y = scale * x @ kron(W1, W2)^T`` without building the Kronecker product.
+
+    Args:
+        x: ``[..., in]`` input with ``in = c * d`` (any leading dims, any strides).
+        w1: ``W1`` ``[a, c]``; or give ``w1_a`` ``[a, r1]`` and ``w1_b`` ``[r1, c]`` (``W1 = w1_a @ w1_b``).
+        w2: ``W2`` ``[b, d]``; or give ``w2_a`` ``[b, r2]`` and ``w2_b`` ``[r2, d]`` (``W2 = w2_a @ w2_b``).
+        scale: the adapter scale (peft's ``alpha / r``).
+
+    Exactly one of ``w1`` / (``w1_a``, ``w1_b``) and one of ``w2`` / (``w2_a``, ``w2_b``). All
+    tensors share x's dtype (float32, bfloat16, float16 or float64: the compute dtype) and device.
+    ``kron(W1, W2)`` is ``[a b, c d]`` (peft's LoKr layout), so the result is ``[..., a b]``.
+
+    Computed as ``T = X W2^T`` (``X`` = x viewed ``[N, c, d]``; a low-rank ``W2`` as
+    ``(X w2_b^T) w2_a^T`` when cheaper) and ``Y = W1 T`` ``[N, a, b]``. Gradients flow to x and to
+    every given factor; backward saves only x and the factors and recomputes ``T``.
+    """
+    in_f, out_f = _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale)
+    if not _use_kernel(x):
+        return _ref.kron_linear(x, w1, w2, w1_a=w1_a, w1_b=w1_b, w2_a=w2_a, w2_b=w2_b, scale=float(scale))
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    y = _ops.kron_forward(x2, w1, w1_a, w1_b, w2, w2_a, w2_b, float(scale))
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+# ---- hadamard family (LoHa) -----------------------------------------------------------------------
+#
+# dW = scale * (w1_a @ w1_b) * (w2_a @ w2_b) (csrc/common/hadamard_impl.h). hadamard_linear picks per
+# shape between materialising dW (one fused pass, then a GEMM) and the face-splitting identity
+# (A1 B1) * (A2 B2) = (A1 . A2)(B1^T . B2^T)^T ('.' = row-wise Kronecker product), O(N d r1 r2).
+
+_HADAMARD_STRATEGIES = {"auto": 0, "materialize": 1, "materialise": 1, "facesplit": 2, "face_split": 2}
+
+
+def _parse_hadamard_strategy(value: Optional[str]) -> int:
+    key = (value or "auto").strip().lower()
+    if key not in _HADAMARD_STRATEGIES:
+        raise ValueError(
+            f"FASTPEFT_HADAMARD_STRATEGY must be one of auto, materialize, facesplit; got {value!r}"
+        )
+    return _HADAMARD_STRATEGIES[key]
+
+
+# 0 = auto (cheaper per shape), 1 = materialise dW, 2 = face-splitting. Set from the environment
+# variable FASTPEFT_HADAMARD_STRATEGY at import; tests and benchmarks may assign it directly.
+_HADAMARD_STRATEGY: int = _parse_hadamard_strategy(os.environ.get("FASTPEFT_HADAMARD_STRATEGY"))
+
+
+def _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b, ref: Optional[Tensor] = None, ref_name: str = "x") -> Tuple[int, int]:
+    """Checks the four LoHa factors (against ``ref`` for dtype/device when given); returns (out, in)."""
+    for t, name in ((w1_a, "w1_a"), (w1_b, "w1_b"), (w2_a, "w2_a"), (w2_b, "w2_b")):
+        _check_tensor(t, name, 2)
+    first, first_name = (ref, ref_name) if ref is not None else (w1_a, "w1_a")
+    for t, name in ((w1_a, "w1_a"), (w1_b, "w1_b"), (w2_a, "w2_a"), (w2_b, "w2_b")):
+        if t is not first:
+            _check_same(t, first, name, first_name)
+    out_f, r1 = w1_a.shape
+    r2 = w2_a.shape[1]
+    in_f = w1_b.shape[1]
+    if w1_b.shape[0] != r1:
+        raise ValueError(f"'w1_b' has rank {w1_b.shape[0]} but 'w1_a' has rank {r1} (w1_a is [out, r1], w1_b [r1, in])")
+    if w2_a.shape[0] != out_f:
+        raise ValueError(f"'w2_a' has out_features {w2_a.shape[0]} but 'w1_a' has {out_f} (w2_a is [out, r2])")
+    if w2_b.shape[0] != r2:
+        raise ValueError(f"'w2_b' has rank {w2_b.shape[0]} but 'w2_a' has rank {r2} (w2_b is [r2, in])")
+    if w2_b.shape[1] != in_f:
+        raise ValueError(f"'w2_b' has in_features {w2_b.shape[1]} but 'w1_b' has {in_f}")
+    return int(out_f), int(in_f)
+
+
+def _check_scale(scale) -> None:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"'scale' must be a float, got {type(scale).__name__}")
+
+
+@torch.library.register_fake("fastpeft::hadamard_delta")
+def _hadamard_delta_fake(w1_a, w1_b, w2_a, w2_b, scale):
+    out_f, in_f = _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b)
+    return w1_a.new_empty((out_f, in_f))
+
+
+@torch.library.register_fake("fastpeft::hadamard_delta_backward")
+def _hadamard_delta_backward_fake(grad, w1_a, w1_b, w2_a, w2_b, scale):
+    _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b)
+    return tuple(t.new_empty(t.shape) for t in (w1_a, w1_b, w2_a, w2_b))
+
+
+def _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b) -> Tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    out_f, in_f = _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b, x)
+    if x.shape[1] != in_f:
+        raise ValueError(f"'x' has last dim {x.shape[1]} but the factors have in_features {in_f}")
+    return out_f, in_f
+
+
+@torch.library.register_fake("fastpeft::hadamard_linear_forward")
+def _hadamard_linear_forward_fake(x, w1_a, w1_b, w2_a, w2_b, scale, strategy=0):
+    out_f, _ = _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b)
+    return x.new_empty((x.shape[0], out_f))
+
+
+@torch.library.register_fake("fastpeft::hadamard_linear_backward")
+def _hadamard_linear_backward_fake(grad_y, x, w1_a, w1_b, w2_a, w2_b, scale, strategy=0):
+    _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b)
+    return (x.new_empty(x.shape),) + tuple(t.new_empty(t.shape) for t in (w1_a, w1_b, w2_a, w2_b))
+
+
+def _hadamard_delta_setup(ctx, inputs, output):
+    w1_a, w1_b, w2_a, w2_b, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)  # the products are recomputed, never saved
+
+
+def _hadamard_delta_bwd(ctx, grad):
+    if grad is None:
+        return (None,) * 5
+    w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+    grads = _ops.hadamard_delta_backward(grad, w1_a, w1_b, w2_a, w2_b, ctx.scale)
+    return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad)) + (None,)
+
+
+torch.library.register_autograd("fastpeft::hadamard_delta", _hadamard_delta_bwd, setup_context=_hadamard_delta_setup)
+
+
+def _hadamard_linear_setup(ctx, inputs, output):
+    x, w1_a, w1_b, w2_a, w2_b, scale, strategy = inputs
+    ctx.scale, ctx.strategy = scale, strategy
+    ctx.save_for_backward(x, w1_a, w1_b, w2_a, w2_b)  # dW / x KB are recomputed, never saved
+
+
+def _hadamard_linear_bwd(ctx, grad_y):
+    need = ctx.needs_input_grad
+    if grad_y is None or not any(need[:5]):
+        return (None,) * 7
+    x, w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+    grads = _ops.hadamard_linear_backward(grad_y, x, w1_a, w1_b, w2_a, w2_b, ctx.scale, ctx.strategy)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+torch.library.register_autograd(
+    "fastpeft::hadamard_linear_forward", _hadamard_linear_bwd, setup_context=_hadamard_linear_setup
+)
+
+
+def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float = 1.0) -> Tensor:
+    """LoHa's delta weight ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` ``[out, in]``, in one fused pass.
+
+    Args: w1_a ``[out, r1]``, w1_b ``[r1, in]``, w2_a ``[out, r2]``, w2_b ``[r2, in]`` (peft's
+    ``hada_w1_a`` ... layout), one dtype and device; ``scale`` peft's ``alpha / r``. Differentiable
+    w.r.t. the four factors; backward saves only them and recomputes both products.
+    """
+    _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b)
+    _check_scale(scale)
+    if not _use_kernel(w1_a):
+        return _ref.hadamard_delta(w1_a, w1_b, w2_a, w2_b, float(scale))
+    return _ops.hadamard_delta(w1_a, w1_b, w2_a, w2_b, float(scale))
+
+
+def hadamard_linear(
+    x: Tensor, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float = 1.0
+) -> Tensor:
+    """LoHa applied to an input: ``y = x @ hadamard_delta(w1_a, w1_b, w2_a, w2_b, scale)^T``.
+
+    Args:
+        x: ``[..., in]`` (any leading dims, any strides); the factors as in :func:`hadamard_delta`,
+            of x's dtype and device.
+
+    Per shape the cheaper of (1) materialising ``dW`` in one fused pass and one GEMM, and (2) the
+    face-splitting identity ``y = (x (w1_b^T . w2_b^T)) (scale w1_a . w2_a)^T`` (``.`` = row-wise
+    Kronecker product, ``[in, r1 r2]`` and ``[out, r1 r2]``), which costs ``O(N (in + out) r1 r2)``
+    and never forms an ``[out, in]`` matrix. Gradients flow to x and the four factors; backward
+    saves only x and the factors. ``FASTPEFT_HADAMARD_STRATEGY=materialize|facesplit`` forces one.
+    """
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    out_f, in_f = _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b, x)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"'x' has last dim {x.shape[-1]} but 'w1_b' has in_features {in_f} (w1_b is [r1, in])")
+    _check_scale(scale)
+    if not _use_kernel(x):
+        return _ref.hadamard_linear(x, w1_a, w1_b, w2_a, w2_b, float(scale))
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    y = _ops.hadamard_linear_forward(x2, w1_a, w1_b, w2_a, w2_b, float(scale), _HADAMARD_STRATEGY)
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)

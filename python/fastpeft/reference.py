@@ -40,6 +40,10 @@ __all__ = [
     "qlora_forward",
     "qlora_backward",
     "qlora_linear",
+    "kron_weight",
+    "kron_linear",
+    "hadamard_delta",
+    "hadamard_linear",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -429,3 +433,35 @@ def qlora_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksiz
     xd = _drop(x, dropout_p, seed)
     y = nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
     return y + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+
+
+# ---- kron family (LoKr) -----------------------------------------------------------------------------
+
+
+def _kron_factor(w: Optional[Tensor], w_a: Optional[Tensor], w_b: Optional[Tensor]) -> Tensor:
+    return w if w is not None else w_a @ w_b
+
+
+def kron_weight(w1=None, w2=None, *, w1_a=None, w1_b=None, w2_a=None, w2_b=None, scale: float = 1.0) -> Tensor:
+    """LoKr's delta weight, peft's ``make_kron``: ``scale * kron(W1, W2)`` with ``W1 = w1`` or
+    ``w1_a @ w1_b`` ([a, c]) and ``W2 = w2`` or ``w2_a @ w2_b`` ([b, d]); shape [a b, c d]."""
+    return torch.kron(_kron_factor(w1, w1_a, w1_b), _kron_factor(w2, w2_a, w2_b)) * scale
+
+
+def kron_linear(x, w1=None, w2=None, *, w1_a=None, w1_b=None, w2_a=None, w2_b=None, scale: float = 1.0) -> Tensor:
+    """``x @ kron_weight(...)^T``: x [..., c d] -> [..., a b] (the Kronecker product materialised)."""
+    w = kron_weight(w1, w2, w1_a=w1_a, w1_b=w1_b, w2_a=w2_a, w2_b=w2_b, scale=scale)
+    return torch.nn.functional.linear(x, w)
+
+
+# ---- hadamard family (LoHa) -------------------------------------------------------------------------
+
+
+def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float = 1.0) -> Tensor:
+    """LoHa's delta weight, peft's ``make_weight``: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` [out, in]."""
+    return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+
+
+def hadamard_linear(x: Tensor, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float = 1.0) -> Tensor:
+    """``x @ hadamard_delta(...)^T``: x [..., in] -> [..., out] (the delta weight materialised)."""
+    return torch.nn.functional.linear(x, hadamard_delta(w1_a, w1_b, w2_a, w2_b, scale))
