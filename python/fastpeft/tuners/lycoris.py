@@ -11,6 +11,7 @@ the same seed gives the same dropout masks as peft.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -20,8 +21,8 @@ from torch import nn
 from ..config import PeftConfig
 from .base import BaseTuner, BaseTunerLayer, get_pattern_key
 
-# THE one place the LyCORIS layers get their ops from (switch to `from ..ops import ...` once they land).
-from ._lycoris_ops_shim import hadamard_delta, hadamard_linear, kron_linear  # noqa: F401
+# The one place the LyCORIS layers get their kernels from (fastpeft.ops: kron and hadamard families).
+from ..ops import hadamard_delta, hadamard_linear, kron_linear  # noqa: F401
 
 __all__ = ["LycorisConfig", "LycorisLayer", "LycorisTuner", "kron_linear", "hadamard_linear", "hadamard_delta"]
 
@@ -65,8 +66,9 @@ class LycorisConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError(
-                f"{name}.layers_to_transform cannot be used when target_modules is a str (a regex); pass "
+            # peft accepts this config (and ignores layers_to_transform), so it must load here too
+            warnings.warn(
+                f"{name}.layers_to_transform is ignored when target_modules is a str (a regex); pass "
                 "target_modules as a list or encode the layers in the regex"
             )
 
