@@ -65,3 +65,10 @@ def test_readme_loftq_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(_code_under("## LoftQ"), "README.md:loftq", "exec"), ns)
     assert (tmp_path / "loftq-adapter" / "adapter_config.json").is_file()
+
+
+def test_readme_loha_lokr_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(_code_under("## LoHa and LoKr"), "README.md:lycoris", "exec"), {})
+    assert (tmp_path / "my-lokr" / "adapter_config.json").is_file()
