@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -49,7 +49,8 @@ def _targets(case: str, dtype: torch.dtype):
 
 
 class ConvBlock(nn.Module):
-    """A UNet resnet block (diffusers' ResnetBlock2D without the time embedding): x + conv2(act(norm2(conv1(act(norm1(x))))))."""
+    """A UNet resnet block (diffusers' ResnetBlock2D without the time embedding):
+    x + conv2(act(norm2(conv1(act(norm1(x))))))."""
 
     def __init__(self, channels: int, groups: int = 8):
         super().__init__()
