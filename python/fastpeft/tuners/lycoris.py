@@ -193,20 +193,36 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
 
     def _delta_activations(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """What `adapter_name` adds to the base layer's output (rank dropout applied in training)."""
-        drop = None
-        if self.training and self.rank_dropout[adapter_name]:
-            drop = self._rank_dropout_mask(adapter_name)
-        if not self._is_conv:
-            x = self._cast_input_dtype(x, self._adapter_dtype(adapter_name))
-            out = self._linear_delta(adapter_name, x)
-            # rank dropout scales rows of ΔW, i.e. output features: apply it to the op's output
-            return out if drop is None else out * drop.to(device=out.device, dtype=out.dtype)
+        if self._is_conv:
+            weight = self._conv_delta_weight(adapter_name)
+            x = self._cast_input_dtype(x, weight.dtype)
+            base = self.get_base_layer()
+            return self._conv_fn(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        drop = self._rank_dropout_mask(adapter_name) if self.training and self.rank_dropout[adapter_name] else None
+        x = self._cast_input_dtype(x, self._adapter_dtype(adapter_name))
+        out = self._linear_delta(adapter_name, x)
+        # rank dropout scales rows of ΔW, i.e. output features: apply it to the op's output
+        return out if drop is None else out * drop.to(device=out.device, dtype=out.dtype)
+
+    def _conv_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """A conv adapter's ΔW, its output rows scaled by the rank-dropout mask in training."""
+        drop = self._rank_dropout_mask(adapter_name) if self.training and self.rank_dropout[adapter_name] else None
         weight = self.get_delta_weight(adapter_name)
         if drop is not None:
             weight = weight * drop.to(device=weight.device, dtype=weight.dtype).view(-1, *[1] * (weight.dim() - 1))
-        x = self._cast_input_dtype(x, weight.dtype)
+        return weight
+
+    def _folds_conv(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether the conv adapters run folded into the base weight: one conv with W + ΣΔW instead of the base
+        conv plus one per adapter, which in backward also means one input-gradient conv and one weight-gradient
+        conv (giving every ΔW's gradient) instead of one input-gradient conv per term. Only in float32 /
+        float64, where W + ΔW keeps ΔW: half precision would round a small ΔW away against W."""
+        if not self._is_conv or args or kwargs:
+            return False
         base = self.get_base_layer()
-        return self._conv_fn(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        if type(base) not in (nn.Conv1d, nn.Conv2d) or base.padding_mode != "zeros":
+            return False
+        return base.weight.dtype in (torch.float32, torch.float64) and x.dtype == base.weight.dtype
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
@@ -216,17 +232,25 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result.to(previous_dtype)
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         available = self._available_adapters
+        # peft draws torch.rand(1) for every active adapter in training, even with module_dropout=0, and then
+        # the adapter's rank-dropout mask: the same draws in the same order here
+        def applies(name: str) -> bool:
+            return name in available and not (self.training and not bool(torch.rand(1) > self.module_dropout[name]))
+
+        if self._folds_conv(x, args, kwargs):
+            base = self.get_base_layer()
+            weight = base.weight
+            for name in self.active_adapters:
+                if applies(name):
+                    weight = weight + self._conv_delta_weight(name).to(weight.dtype)
+            return self._conv_fn(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
-            if name not in available:
-                continue
-            # peft draws torch.rand(1) for every active adapter in training, even with module_dropout=0
-            if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
-                continue
-            result = result + self._delta_activations(name, x)
+            if applies(name):
+                result = result + self._delta_activations(name, x)
         return result.to(previous_dtype)
 
     # ---- merging ----
