@@ -72,3 +72,15 @@ def test_readme_loha_lokr_example_runs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     exec(compile(_code_under("## LoHa and LoKr"), "README.md:lycoris", "exec"), {})
     assert (tmp_path / "my-lokr" / "adapter_config.json").is_file()
+
+
+def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    diffusers = pytest.importorskip("diffusers")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## Diffusion models (diffusers)"), "README.md:diffusers", "exec"), ns)
+    assert (tmp_path / "unet-lora" / "adapter_model.safetensors").is_file()
+    assert type(ns["unet"]) is diffusers.UNet2DConditionModel
