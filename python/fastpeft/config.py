@@ -203,6 +203,22 @@ class PeftConfig:
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
 
+    def _post_init_tuner(self, peft_type: "PeftType") -> None:
+        """The __post_init__ shared by the configs of the layer-injecting methods (LoRA, LoHa, LoKr): None
+        patterns become {}, the field types are checked, `peft_type` is set, target / exclude lists become
+        sets, then the config's own `_validate()` runs."""
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        PeftConfig.__post_init__(self)
+        self.peft_type = peft_type
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        self._validate()
+
     def _check_field_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):

@@ -40,17 +40,7 @@ class LycorisConfig(PeftConfig):
     _PEFT_TYPE = None  # set by each method
 
     def __post_init__(self):
-        if self.rank_pattern is None:
-            self.rank_pattern = {}
-        if self.alpha_pattern is None:
-            self.alpha_pattern = {}
-        super().__post_init__()  # checks every field's type
-        self.peft_type = self._PEFT_TYPE
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
-        self._validate()
+        self._post_init_tuner(self._PEFT_TYPE)
 
     def _validate(self) -> None:
         name = type(self).__name__

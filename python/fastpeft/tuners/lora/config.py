@@ -127,17 +127,7 @@ class LoraConfig(PeftConfig):
         self.loftq_config = _as_dict(self.loftq_config)
         for name in _UNSUPPORTED_SUBCONFIGS:
             setattr(self, name, _as_dict(getattr(self, name)))
-        if self.rank_pattern is None:
-            self.rank_pattern = {}
-        if self.alpha_pattern is None:
-            self.alpha_pattern = {}
-        super().__post_init__()  # checks every field's type
-        self.peft_type = PeftType.LORA
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
-        self._validate()
+        self._post_init_tuner(PeftType.LORA)
 
     def _validate(self) -> None:
         if self.r <= 0:
