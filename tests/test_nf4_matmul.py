@@ -75,6 +75,22 @@ def test_nf4_linear_and_grad_input_match_reference(dtype, double_quant):
                   F.linear(x.float(), w, bias.float()), dtype, "reference")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_larger_than_one_band(dtype):
+    # above 1 MiB of dequantised weight the many-row path's bands are sized by the cache, not the thread count
+    for out_f, in_f in ((1100, 256), (520, 1031)):  # streams-ordered bands, and the portable decode
+        if out_f * in_f * torch.finfo(dtype).bits // 8 <= 1 << 20:
+            out_f *= 2
+        packed, state, w = nf4(out_f, in_f, 64, True)
+        bias = torch.randn(out_f).to(dtype)
+        x = torch.randn(40, in_f).to(dtype)
+        y = fp.nf4_linear(x, packed, *qargs(state), 64, out_f, bias)
+        close(y, F.linear(x.float(), w, bias.float()), dtype, f"band nf4_linear {out_f}x{in_f}")
+        g = torch.randn(40, out_f).to(dtype)
+        gx = fp.nf4_linear_grad_input(g, packed, *qargs(state), 64, in_f)
+        close(gx, g.float() @ w, dtype, f"band grad_input {out_f}x{in_f}")
+
+
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_blocksizes(blocksize):
     for out_f, in_f in [(12, 256), (5, 99)]:
