@@ -515,3 +515,33 @@ def test_bench_llama_qlora_rows_smoke():
     assert {r["impl"] for r in table.rows} == {"peft+bnb", "fastpeft"}
     row = next(r for r in table.rows if r["impl"] == "fastpeft")
     assert row["speedup"] > 0 and row["status"] in ("PASS", "MISS") and row["saved MB"] > 0
+
+
+def test_lora_linear_nf4_from_linear_without_a_wrapper_model():
+    from fastpeft.nn import LinearNF4, LoraLinearNF4, LoraLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    base = LinearNF4.from_linear(dense, compute_dtype=torch.float32)
+    layer = LoraLinearNF4.from_linear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    assert layer.get_base_layer() is base and not base.weight.requires_grad
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    # the same adapter on the dequantised dense weight (fastpeft's LoRA on nn.Linear) is the oracle
+    ref_base = nn.Linear(64, 32)
+    with torch.no_grad():
+        ref_base.weight.copy_(base.dequantize(torch.float32))
+        ref_base.bias.copy_(base.bias)
+    ref = LoraLinear.from_linear(ref_base, r=4, lora_alpha=8, init_lora_weights=False)
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if "lora_" in k}, strict=False)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(layer, name)["default"].weight.grad,
+                                   getattr(ref, name)["default"].weight.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="LinearNF4"):
+        LoraLinearNF4.from_linear(dense)

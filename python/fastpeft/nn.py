@@ -11,11 +11,15 @@ Each layer is the same class the tuners inject (same forward, merge/unmerge, sta
     from fastpeft.nn import LinearNF4
     model.proj = LinearNF4.from_linear(model.proj, blocksize=64, double_quant=True)  # NF4, frozen
 
-LinearNF4's state dict is bitsandbytes Linear4bit's (keys, dtypes, bytes).
+LinearNF4's state dict is bitsandbytes Linear4bit's (keys, dtypes, bytes). LoRA on it (QLoRA):
+
+    from fastpeft.nn import LoraLinearNF4
+    model.proj = LoraLinearNF4.from_linear(model.proj, r=16, lora_alpha=32)  # model.proj: a LinearNF4
 """
 from __future__ import annotations
 
 from .quant.nf4 import LinearNF4
 from .tuners.lora.layer import Linear as LoraLinear
+from .tuners.lora.nf4 import Linear4bit as LoraLinearNF4
 
-__all__ = ["LinearNF4", "LoraLinear"]
+__all__ = ["LinearNF4", "LoraLinear", "LoraLinearNF4"]
