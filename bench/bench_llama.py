@@ -117,6 +117,21 @@ def _saved_bytes(models, ids) -> Dict[str, int]:
     return saved
 
 
+def _time_steps(ctx: BenchContext, res: SuiteResult, steps: Dict[str, Any], label: str):
+    """Times the training steps interleaved; returns (timings, CUDA peak bytes per step) or None (the failure
+    added to res.errors)."""
+    peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
+    ctx.log(f"llama {label}: timing {', '.join(steps)}")
+    try:
+        t = time_interleaved(steps, ctx.device, warmup=max(1, ctx.warmup - 1), repeats=max(3, ctx.repeats),
+                             min_sample_ms=0.0)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        res.errors.append(f"{label}: timing failed: {type(exc).__name__}: {exc}")
+        return None
+    return t, peaks
+
+
 def _make_step(model, ids, optimizer: bool = True):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if optimizer else None
@@ -167,18 +182,11 @@ def run(ctx: BenchContext) -> SuiteResult:
         if "fastpeft" in models:
             mismatch = _eval_loss_mismatch(models, ids, "peft", dtype, res, f"dropout {dropout}")
         saved = _saved_bytes(models, ids)
-        steps = {}
-        for k, m in models.items():
-            steps[k], _ = _make_step(m, ids, optimizer=(k != "base"))
-        peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
-        ctx.log(f"llama dropout={dropout}: timing {', '.join(steps)}")
-        try:
-            t = time_interleaved(steps, ctx.device, warmup=max(1, ctx.warmup - 1),
-                                 repeats=max(3, ctx.repeats), min_sample_ms=0.0)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            res.errors.append(f"dropout {dropout}: timing failed: {type(exc).__name__}: {exc}")
+        steps = {k: _make_step(m, ids, optimizer=(k != "base"))[0] for k, m in models.items()}
+        timed = _time_steps(ctx, res, steps, f"dropout {dropout}")
+        if timed is None:
             continue
+        t, peaks = timed
         speed = t.ratio("peft", "fastpeft") if "fastpeft" in steps else None
         ceiling = t.ratio("peft", "base")
         sratio = safe_div(saved["fastpeft"].total, saved["peft"].total) if "fastpeft" in saved else None
@@ -320,15 +328,10 @@ def _run_qlora(ctx: BenchContext, res: SuiteResult, shape: Dict[str, int], dtype
                                        prepare=_bnb_train_mode)
         saved = _saved_bytes(models, ids)
         steps = {k: _make_step(m, ids)[0] for k, m in models.items()}
-        peaks = {k: cuda_peak_bytes(s) for k, s in steps.items()} if ctx.is_cuda else {}
-        ctx.log(f"llama qlora dropout={dropout}: timing {', '.join(steps)}")
-        try:
-            t = time_interleaved(steps, ctx.device, warmup=max(1, ctx.warmup - 1),
-                                 repeats=max(3, ctx.repeats), min_sample_ms=0.0)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            res.errors.append(f"qlora dropout {dropout}: timing failed: {type(exc).__name__}: {exc}")
+        timed = _time_steps(ctx, res, steps, f"qlora dropout {dropout}")
+        if timed is None:
             continue
+        t, peaks = timed
         speed = t.ratio("peft+bnb", "fastpeft")
         sratio = safe_div(saved["fastpeft"].total, saved["peft+bnb"].total)
         pratio = safe_div(peaks.get("fastpeft"), peaks.get("peft+bnb")) if peaks else None

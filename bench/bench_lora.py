@@ -280,29 +280,38 @@ def bench_layers(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
             continue
         for n in notes:
             res.errors.append(f"{dtype_name(dtype)} {label}: {n}")
-        mismatch = None
-        if layer_f is not None:
-            try:
-                mismatch = check_same(layer_p, layer_f, x, g, dtype)
-            except Exception as exc:  # noqa: BLE001
-                mismatch = f"check failed: {type(exc).__name__}: {exc}"
-            if mismatch:
-                res.errors.append(f"{dtype_name(dtype)} {label}: fastpeft {mismatch}")
-                ctx.log(f"WARNING {label}: fastpeft {mismatch}")
         W, b = base.weight, base.bias
-        impls = {
-            "base": {"forward": (lambda W=W, b=b: F.linear(x, W, b)), "params": [W] + ([b] if b is not None else [])},
-            "peft": {"forward": (lambda m=layer_p: m(x)), "params": list(layer_p.parameters())},
-        }
-        if layer_f is not None:
-            impls["fastpeft"] = {"forward": (lambda m=layer_f: m(x)), "params": list(layer_f.parameters())}
-        st, mt = _targets(case, dtype)
+        compare_layers(ctx, res, table, dtype=dtype, case=case, label=label,
+                       base_fwd=(lambda W=W, b=b: F.linear(x, W, b)), base_params=[W] + ([b] if b is not None else []),
+                       layer_p=layer_p, layer_f=layer_f, x=x, g=g, targets=_targets(case, dtype))
+
+
+def compare_layers(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: str, label: str, base_fwd,
+                   base_params, layer_p, layer_f, x, g, targets) -> None:
+    """One row group: checks fastpeft's layer (if any) against peft's on (x, g), then times the frozen base
+    (`base_fwd` over `base_params`), peft's and fastpeft's layers with run_group; failures become problems."""
+    mismatch = None
+    if layer_f is not None:
         try:
-            run_group(ctx, res, table, dtype=dtype, case=case, label=label, impls=impls, slow="peft", fast="fastpeft",
-                      base="base", speed_target=st, mem_target=mt, x=x, g=g, mismatch=mismatch)
+            mismatch = check_same(layer_p, layer_f, x, g, dtype)
         except Exception as exc:  # noqa: BLE001
-            res.errors.append(f"{dtype_name(dtype)} {label}: timing failed: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
+            mismatch = f"check failed: {type(exc).__name__}: {exc}"
+        if mismatch:
+            res.errors.append(f"{dtype_name(dtype)} {label}: fastpeft {mismatch}")
+            ctx.log(f"WARNING {label}: fastpeft {mismatch}")
+    impls = {
+        "base": {"forward": base_fwd, "params": base_params},
+        "peft": {"forward": (lambda m=layer_p: m(x)), "params": list(layer_p.parameters())},
+    }
+    if layer_f is not None:
+        impls["fastpeft"] = {"forward": (lambda m=layer_f: m(x)), "params": list(layer_f.parameters())}
+    st, mt = targets
+    try:
+        run_group(ctx, res, table, dtype=dtype, case=case, label=label, impls=impls, slow="peft", fast="fastpeft",
+                  base="base", speed_target=st, mem_target=mt, x=x, g=g, mismatch=mismatch)
+    except Exception as exc:  # noqa: BLE001
+        res.errors.append(f"{dtype_name(dtype)} {label}: timing failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import traceback
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bench_lora import LAYER_COLUMNS, CUDA_EXTRA_COLUMNS, OneLinear, check_same, copy_matching_state, run_group
+from .bench_lora import LAYER_COLUMNS, CUDA_EXTRA_COLUMNS, OneLinear, compare_layers, copy_matching_state
 from .common import BenchContext, SuiteResult, Table, Target, dtype_name, register
 
 R = 8
@@ -114,30 +114,9 @@ def _group(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: st
         return
     for n in notes:
         res.errors.append(f"{dtype_name(dtype)} {label}: {n}")
-    layer_p = pm.get_base_model()
     layer_f = fm.get_base_model() if fm is not None else None
-    mismatch = None
-    if layer_f is not None:
-        try:
-            mismatch = check_same(layer_p, layer_f, x, g, dtype)
-        except Exception as exc:  # noqa: BLE001
-            mismatch = f"check failed: {type(exc).__name__}: {exc}"
-        if mismatch:
-            res.errors.append(f"{dtype_name(dtype)} {label}: fastpeft {mismatch}")
-            ctx.log(f"WARNING {label}: fastpeft {mismatch}")
-    impls: Dict[str, Dict[str, Any]] = {
-        "base": {"forward": base_fwd, "params": base_params},
-        "peft": {"forward": (lambda m=layer_p: m(x)), "params": list(layer_p.parameters())},
-    }
-    if layer_f is not None:
-        impls["fastpeft"] = {"forward": (lambda m=layer_f: m(x)), "params": list(layer_f.parameters())}
-    st, mt = _targets(case, dtype)
-    try:
-        run_group(ctx, res, table, dtype=dtype, case=case, label=label, impls=impls, slow="peft", fast="fastpeft",
-                  base="base", speed_target=st, mem_target=mt, x=x, g=g, mismatch=mismatch)
-    except Exception as exc:  # noqa: BLE001
-        res.errors.append(f"{dtype_name(dtype)} {label}: timing failed: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+    compare_layers(ctx, res, table, dtype=dtype, case=case, label=label, base_fwd=base_fwd, base_params=base_params,
+                   layer_p=pm.get_base_model(), layer_f=layer_f, x=x, g=g, targets=_targets(case, dtype))
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
