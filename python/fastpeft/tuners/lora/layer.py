@@ -367,16 +367,22 @@ class Linear(nn.Module, LoraLayer):
         adapter_name: str = "default",
     ) -> "Linear":
         """Wrap an nn.Linear (or Conv1D) in a LoRA layer without a wrapper model; the base weights are frozen."""
-        conv1d = _conv1d_class()
-        is_conv1d = conv1d is not None and isinstance(linear, conv1d)
-        if not (isinstance(linear, nn.Linear) or is_conv1d):
-            raise TypeError(f"from_linear expects an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        is_conv1d = cls._is_conv1d_base(linear)
         config = LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora, use_rslora=use_rslora,
             init_lora_weights=init_lora_weights, fan_in_fan_out=is_conv1d,
         )
         linear.requires_grad_(False)
         return cls(linear, adapter_name, config=config, r=r, lora_alpha=lora_alpha, is_target_conv_1d_layer=is_conv1d)
+
+    @classmethod
+    def _is_conv1d_base(cls, linear: nn.Module) -> bool:
+        """from_linear's check of the layer to wrap: whether it is a transformers Conv1D (else an nn.Linear)."""
+        conv1d = _conv1d_class()
+        is_conv1d = conv1d is not None and isinstance(linear, conv1d)
+        if not (isinstance(linear, nn.Linear) or is_conv1d):
+            raise TypeError(f"from_linear expects an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        return is_conv1d
 
     def _in_out_features(self, base_layer):
         if isinstance(base_layer, nn.Linear):

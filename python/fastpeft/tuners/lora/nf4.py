@@ -136,27 +136,15 @@ class Linear4bit(Linear):
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Module,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_dora: bool = False,
-        use_rslora: bool = False,
-        init_lora_weights=True,
-        adapter_name: str = "default",
-    ) -> "Linear4bit":
-        """Wrap a ``LinearNF4`` in a LoRA layer without a wrapper model (its weights stay frozen)."""
+    def _is_conv1d_base(cls, linear: nn.Module) -> bool:
+        """``from_linear`` (inherited: wraps a ``LinearNF4`` without a wrapper model, its weights frozen) takes
+        a fastpeft ``LinearNF4`` only."""
         if not is_nf4_layer(linear):
             raise TypeError(
                 f"Linear4bit.from_linear expects a fastpeft LinearNF4, got {type(linear).__name__} "
                 "(use fastpeft.nn.LoraLinear.from_linear for an nn.Linear)"
             )
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                            use_rslora=use_rslora, init_lora_weights=init_lora_weights)
-        linear.requires_grad_(False)
-        return cls(linear, adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+        return False
 
     # ---- shapes and weights ----
 
