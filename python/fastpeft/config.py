@@ -74,6 +74,8 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "fastpeft.tuners.lora.config",
     PeftType.LOHA: "fastpeft.tuners.loha.config",
     PeftType.LOKR: "fastpeft.tuners.lokr.config",
+    PeftType.OFT: "fastpeft.tuners.oft.config",
+    PeftType.BOFT: "fastpeft.tuners.boft.config",
 }
 
 

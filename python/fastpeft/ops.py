@@ -1126,3 +1126,11 @@ def hadamard_linear(
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
     y = _ops.hadamard_linear_forward(x2, w1_a, w1_b, w2_a, w2_b, float(scale), _HADAMARD_STRATEGY)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+# ---- orthogonal family (OFT, BOFT) -----------------------------------------------------------------
+# TEMP: pure-PyTorch stand-ins so the OFT/BOFT tuners can be written while the kernels are; each line is
+# replaced by the compiled op's wrapper when its kernel lands.
+cayley = _ref.cayley  # TEMP cayley
+block_diag_rotate = _ref.block_diag_rotate  # TEMP block_diag_rotate
+butterfly_rotate = _ref.butterfly_rotate  # TEMP butterfly_rotate

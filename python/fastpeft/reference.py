@@ -37,6 +37,10 @@ __all__ = [
     "nf4_weight",
     "nf4_linear",
     "nf4_linear_grad_input",
+    "cayley",
+    "block_diag_rotate",
+    "butterfly_rotate",
+    "butterfly_matrix",
     "qlora_forward",
     "qlora_backward",
     "qlora_linear",
@@ -465,3 +469,83 @@ def hadamard_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale
 def hadamard_linear(x: Tensor, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, scale: float = 1.0) -> Tensor:
     """``x @ hadamard_delta(...)^T``: x [..., in] -> [..., out] (the delta weight materialised)."""
     return torch.nn.functional.linear(x, hadamard_delta(w1_a, w1_b, w2_a, w2_b, scale))
+
+
+# ---- orthogonal family (OFT, BOFT) --------------------------------------------------------------------
+
+
+def cayley(skew: Tensor, num_neumann_terms: int = 0) -> Tensor:
+    """Batched Cayley transform of square blocks ``skew`` [n, b, b] -> R [n, b, b] (skew's dtype).
+
+    ``num_neumann_terms == 0``: the exact form peft uses (OFT with ``use_cayley_neumann=False``, and
+    BOFT): ``R = (I - S)(I + S)^-1``. ``num_neumann_terms = k >= 1``: peft OFT's truncated series, which
+    approximates the *other* sign convention ``(I + S)(I - S)^-1``:
+    ``k = 1: I``; ``k = 2: I + 2S``; ``k = 3: I + 2S + 2S^2 + S^3`` (peft's loop gives k = 3 and k = 4
+    the same polynomial); ``k >= 4: I + 2(S + ... + S^(k-2)) + S^(k-1)``.
+    Computed in float32 (float64 for float64 input) and rounded once. Defined for any square matrix;
+    making S skew-symmetric is the caller's job (so gradients are the plain matrix derivative).
+    """
+    if num_neumann_terms < 0:
+        raise ValueError(f"num_neumann_terms must be >= 0, got {num_neumann_terms}")
+    acc = torch.float64 if skew.dtype == torch.float64 else torch.float32
+    s = skew.to(acc)
+    n, b, _ = s.shape
+    eye = torch.eye(b, dtype=acc, device=s.device).expand(n, b, b)
+    if num_neumann_terms == 0:
+        r = torch.linalg.solve(eye + s, eye - s, left=False)
+    else:
+        r = eye.clone()
+        k = num_neumann_terms
+        if k >= 2:
+            r = r + 2 * s
+        if k >= 3:
+            last = max(k - 1, 3)  # peft: k = 3 and k = 4 both end at S^3
+            power = s
+            for j in range(2, last + 1):
+                power = power @ s
+                r = r + (power if j == last else 2 * power)
+    return r.to(skew.dtype)
+
+
+def block_diag_rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """``x @ blockdiag(rot)``: x [..., d], rot [n, b, b] with ``n * b == d`` (one block per slice of b
+    features) or ``n == 1`` (one block shared by all ``d / b`` slices). ``y[..., k b + c] =
+    sum_j x[..., k b + j] rot[k, j, c]``. Accumulates in float32, rounds once to x's dtype."""
+    d = x.shape[-1]
+    b = rot.shape[-1]
+    blocks = d // b
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = rot.to(acc).expand(blocks, b, b) if rot.shape[0] == 1 else rot.to(acc)
+    xb = x.to(acc).reshape(*x.shape[:-1], blocks, b)
+    return torch.einsum("...kj,kjc->...kc", xb, r).reshape(x.shape).to(x.dtype)
+
+
+def butterfly_matrix(rot: Tensor, perm: Tensor) -> Tensor:
+    """The dense [d, d] matrix ``M_0 M_1 ... M_(m-1)`` of :func:`butterfly_rotate` (float32; for tests)."""
+    m, n, b, _ = rot.shape
+    d = perm.shape[1]
+    total = torch.eye(d, dtype=torch.float64)
+    for i in range(m):
+        p = torch.zeros(d, d, dtype=torch.float64)
+        p[torch.arange(d), perm[i].cpu()] = 1.0
+        blocks = rot[i].detach().cpu().to(torch.float64).expand(d // b, b, b)
+        total = total @ (p @ torch.block_diag(*blocks.unbind(0)) @ p.T)
+    return total.to(torch.float32)
+
+
+def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
+    """``x @ M_0 @ M_1 @ ... @ M_(m-1)`` with ``M_i = P_i blockdiag(rot[i]) P_i^T``, ``P_i[j, perm[i, j]] = 1``.
+
+    x [..., d]; rot [m, n, b, b] (``n * b == d`` or ``n == 1``); perm int64 [m, d], each row a permutation
+    of ``0..d-1``. Factor i is applied as index maps, never as a dense matrix:
+    ``u[..., perm[i, j]] = z[..., j]``; ``v = block_diag_rotate(u, rot[i])``; ``z'[..., j] = v[..., perm[i, j]]``.
+    Each factor rounds to x's dtype (as applying the factors one by one does).
+    """
+    z = x
+    for i in range(rot.shape[0]):
+        p = perm[i].to(x.device)
+        u = torch.empty_like(z)
+        u[..., p] = z
+        v = block_diag_rotate(u, rot[i])
+        z = v[..., p]
+    return z
