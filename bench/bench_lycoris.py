@@ -76,12 +76,13 @@ def lycoris_ops_source() -> str:
         return f"unavailable ({type(exc).__name__}: {exc})"
 
 
-def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device):
+def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device, methods=None):
     """(peft model, fastpeft model or None, notes): both libraries' get_peft_model on copies of `model`,
-    peft's random adapter weights copied into fastpeft's."""
+    peft's random adapter weights copied into fastpeft's. `methods` maps method -> (config class name,
+    kwargs); default: this suite's METHODS."""
     import peft
 
-    name, kwargs = METHODS[method]
+    name, kwargs = (methods or METHODS)[method]
     notes: List[str] = []
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(model), getattr(peft, name)(target_modules=list(targets), **kwargs))
@@ -103,9 +104,11 @@ def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device)
     return pm, fm, notes
 
 
-def _group(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: str, label: str,
-           base_fwd: Callable[[], torch.Tensor], base_params: List[torch.Tensor],
-           make_layers: Callable[[], Any], x: torch.Tensor, g: torch.Tensor):
+def compare_pair(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: str, label: str,
+                 base_fwd: Callable[[], torch.Tensor], base_params: List[torch.Tensor],
+                 make_layers: Callable[[], Any], x: torch.Tensor, g: torch.Tensor, targets=None):
+    """One row group from a (peft, fastpeft) pair built by `make_layers` (see build_pair); `targets` is
+    (speed target, saved-bytes target), default this suite's."""
     try:
         pm, fm, notes = make_layers()
     except Exception as exc:  # noqa: BLE001
@@ -116,7 +119,8 @@ def _group(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: st
         res.errors.append(f"{dtype_name(dtype)} {label}: {n}")
     layer_f = fm.get_base_model() if fm is not None else None
     compare_layers(ctx, res, table, dtype=dtype, case=case, label=label, base_fwd=base_fwd, base_params=base_params,
-                   layer_p=pm.get_base_model(), layer_f=layer_f, x=x, g=g, targets=_targets(case, dtype))
+                   layer_p=pm.get_base_model(), layer_f=layer_f, x=x, g=g,
+                   targets=targets if targets is not None else _targets(case, dtype))
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
@@ -129,7 +133,7 @@ def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
     base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
     W, b = base.weight, base.bias
     for method in ("lokr", "loha"):
-        _group(ctx, res, table, dtype=dtype, case=method, label=method,
+        compare_pair(ctx, res, table, dtype=dtype, case=method, label=method,
                base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
                make_layers=lambda method=method: build_pair(model, method, ["proj"], dtype, dev), x=x, g=g)
 
@@ -143,7 +147,7 @@ def bench_conv(ctx: BenchContext, res: SuiteResult, table: Table, dtype, channel
     block = ConvBlock(channels)
     base = copy.deepcopy(block).to(device=dev, dtype=dtype).requires_grad_(False)
     for method in ("lora", "loha", "lokr"):
-        _group(ctx, res, table, dtype=dtype, case=f"conv {method}", label=f"conv block {method}",
+        compare_pair(ctx, res, table, dtype=dtype, case=f"conv {method}", label=f"conv block {method}",
                base_fwd=lambda: base(x), base_params=list(base.parameters()),
                make_layers=lambda method=method: build_pair(block, method, ["conv1", "conv2"], dtype, dev), x=x, g=g)
 

@@ -165,3 +165,20 @@ def test_lycoris_ops_suite_quick_tiny(tmp_path):
     assert not res.errors, res.errors
     rows = json.loads((tmp_path / "lycoris_ops-cpu.json").read_text())["tables"][0]["rows"]
     assert len(rows) == 8 and all(r["status"] == "ok" and r["fastpeft ms"] > 0 for r in rows)
+
+
+def test_oft_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"d": 64, "tokens": 32},
+    )
+    run.load_suites()
+    assert "oft" in common.SUITES
+    res = run.run_suite("oft", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "oft-cpu.json").read_text())["tables"][0]["rows"]
+    cases = {"oft b=32 neumann", "oft b=32 exact", "boft b=4", "boft b=32"}
+    assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in cases for i in ("base", "peft", "fastpeft")}
+    assert all(r["ms"] > 0 for r in rows)
+    speedups = {r.label for r in res.ratios if r.kind == "speedup" and r.value}
+    assert {f"fp32 {c}: fastpeft vs peft" for c in cases} <= speedups

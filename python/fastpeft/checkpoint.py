@@ -523,7 +523,8 @@ def set_peft_model_state_dict(
     tuner_cls = _tuner_cls_for(config.peft_type)
     hook = getattr(tuner_cls, "_remap_adapter_state_dict_for_load", None) if tuner_cls is not None else None
     if hook is not None:
-        state_dict = dict(hook(model=model, config=config, adapter_name=adapter_name, state_dict=state_dict))
+        state_dict = dict(hook(model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+                               model_to_ckpt=model_to_ckpt))
     else:
         state_dict = _remap_for_load(model, config, adapter_name, state_dict, model_to_ckpt)
 

@@ -1,14 +1,18 @@
 """Adapter methods. `base` holds what every method shares; one subpackage per method."""
 from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, check_target_module_exists
+from .boft import BOFTConfig, BOFTModel
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
+from .oft import OFTConfig, OFTModel
 
 # peft_type -> tuner class (each method adds its entry here)
-PEFT_TYPE_TO_TUNER_MAPPING = {"LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel}
+PEFT_TYPE_TO_TUNER_MAPPING = {
+    "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
+}
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]

@@ -1,0 +1,90 @@
+"""OFT / BOFT per-layer benchmark: fastpeft vs peft vs the frozen base layer.
+
+One adapted nn.Linear (d x d, `tokens` rows), forward + backward with the base frozen: the frozen base
+alone (F.linear, gradient to the input only), peft's OFT / BOFT layer, and fastpeft's with the same
+config, both built through the library's public `get_peft_model` on the same weights (peft's random
+adapter weights, `init_weights=False`, copied into fastpeft's by state-dict name; outputs and gradients
+are compared once before timing, a mismatch marks the speed-up INVALID).
+
+Configs: peft's defaults — OFT oft_block_size=32 with the 5-term Cayley-Neumann series, and the exact
+Cayley form; BOFT boft_block_size=4 and 32, boft_n_butterfly_factor=1 (peft runs only factor 1 on a
+machine where its fbd_cuda extension does not build).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS, OneLinear
+from .bench_lycoris import build_pair, compare_pair
+from .common import BenchContext, SuiteResult, Table, Target, dtype_name, register
+
+# row label -> (config class name in peft and fastpeft, kwargs with random adapter weights)
+METHODS = {
+    "oft b=32 neumann": ("OFTConfig", dict(r=0, oft_block_size=32, init_weights=False)),
+    "oft b=32 exact": ("OFTConfig", dict(r=0, oft_block_size=32, use_cayley_neumann=False, init_weights=False)),
+    "boft b=4": ("BOFTConfig", dict(boft_block_size=4, boft_n_butterfly_factor=1, init_weights=False)),
+    "boft b=32": ("BOFTConfig", dict(boft_block_size=32, boft_n_butterfly_factor=1, init_weights=False)),
+}
+
+
+def _targets(label: str, dtype: torch.dtype):
+    """(speed target, saved-bytes target) from the issue: OFT >= 1.1x peft (fp32) / 1.8x (bf16),
+    BOFT >= 3x, saved activations <= 0.8x peft's."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    mem = Target(0.8, "<=", "saved bytes vs peft")
+    if label.startswith("oft"):
+        return Target(1.8 if half else 1.1, ">=", "OFT"), mem
+    return Target(3.0, ">=", "BOFT"), mem
+
+
+def _peft_boft_without_cuda_extension(device: str) -> None:
+    """On a CPU run, peft's BOFT would try (and here fail) to compile its fbd_cuda extension once per
+    layer, seconds each; it then runs without it. Tell it up front that there is none (its behaviour
+    either way); on CUDA it keeps building and using the extension."""
+    if not str(device).startswith("cuda"):
+        import peft.tuners.boft.layer as boft_layer
+
+        boft_layer.get_fbd_cuda = lambda: None
+
+
+def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
+    dev = ctx.device
+    _peft_boft_without_cuda_extension(dev)
+    torch.manual_seed(1)
+    x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(tokens, d, device=dev, dtype=dtype)
+    torch.manual_seed(0)
+    model = OneLinear(d, d)
+    base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
+    W, b = base.weight, base.bias
+    for label in METHODS:
+        compare_pair(ctx, res, table, dtype=dtype, case=label, label=label,
+                     base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
+                     make_layers=lambda label=label: build_pair(model, label, ["proj"], dtype, dev, methods=METHODS),
+                     x=x, g=g, targets=_targets(label, dtype))
+
+
+@register("oft")
+def run(ctx: BenchContext) -> SuiteResult:
+    res = SuiteResult("oft", ctx.device)
+    o = ctx.options
+    d = o.get("d", 256 if ctx.quick else 1024)
+    tokens = o.get("tokens", 256 if ctx.quick else 2048)
+    res.meta.update(d=d, tokens=tokens, bias=True, configs={k: v[1] for k, v in METHODS.items()},
+                    dtypes=[dtype_name(t) for t in ctx.dtypes], warmup=ctx.warmup, repeats=ctx.repeats,
+                    min_sample_ms=ctx.min_sample_ms)
+    cols = LAYER_COLUMNS + (CUDA_EXTRA_COLUMNS if ctx.is_cuda else [])
+    table = Table(f"OFT/BOFT layer fwd+bwd (frozen base), d={d}, tokens={tokens}, {ctx.device}", cols, notes=[
+        "ms: median per fwd+bwd; over base %: median per-round overhead vs the frozen base; "
+        "speedup: median per-round peft_ms / fastpeft_ms; ceiling x: peft_ms / base_ms",
+        "saved MB: unique storages saved for backward (params excluded, input included); saved x: fastpeft / peft",
+        "BOFT with boft_n_butterfly_factor=1: peft cannot run more factors without its CUDA extension",
+        "targets are informational (never asserted)",
+    ])
+    for dtype in ctx.dtypes:
+        bench_linear(ctx, res, table, dtype, d, tokens)
+    res.tables.append(table)
+    return res
