@@ -1,4 +1,5 @@
 """The README's quick start is runnable as written."""
+import json
 import re
 from pathlib import Path
 
@@ -84,3 +85,15 @@ def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
     exec(compile(_code_under("## Diffusion models (diffusers)"), "README.md:diffusers", "exec"), ns)
     assert (tmp_path / "unet-lora" / "adapter_model.safetensors").is_file()
     assert type(ns["unet"]) is diffusers.UNet2DConditionModel
+
+
+def test_readme_oft_boft_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## OFT and BOFT"), "README.md:oft", "exec"), ns)
+    for folder, peft_type in (("my-oft", "OFT"), ("my-boft", "BOFT")):
+        config = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == peft_type and (tmp_path / folder / "adapter_model.safetensors").is_file()
+    assert type(ns["merged"]) is torch.nn.Sequential
+    assert all(type(m).__module__.startswith("torch.nn") for m in ns["merged"].modules())
