@@ -12,7 +12,8 @@ from _op_testing import DTYPES, close
 
 fp = torch.ops.fastpeft
 
-# 130 takes the CPU's fused path too (it handles b <= 256); 300 takes the ATen (batched LU / bmm) path.
+# CPU paths: b <= 256 fused per-block kernels throughout; above, the exact form's inverse by Gauss-Jordan
+# per block up to 512 and LAPACK one block per call beyond, the Neumann polynomial and backward by ATen bmm.
 BLOCKS = [1, 2, 3, 8, 32, 33, 64, 130]
 NS = [0, 1, 5]
 TERMS = list(range(8))
@@ -65,9 +66,31 @@ def test_cayley_vs_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cayley_large_blocks_aten_path(dtype):
+def test_cayley_large_blocks(dtype):
     for k in (0, 2, 5):
         check_cayley(make_skew(2, 300, dtype, seed=k), k, f"b=300 k={k}")
+    check_cayley(make_skew(2, 520, dtype), 0, "b=520")
+
+
+def test_cayley_large_blocks_two_threads():
+    # torch's batched CPU LU is unreliable with several threads for b >= 192 (see csrc/cpu/cayley.cpp);
+    # the op never calls it: R stays orthogonal, and its gradient matches the float64 reference.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for b in (200, 520):
+            s = make_skew(3, b, torch.float32, scale=2.0)
+            r = ops.cayley(s).double()
+            torch.testing.assert_close(r.transpose(1, 2) @ r, torch.eye(b, dtype=torch.float64).expand(3, b, b),
+                                       atol=1e-4, rtol=0)
+            x = s.clone().requires_grad_(True)
+            gy = torch.randn(3, b, b)
+            ops.cayley(x).backward(gy)
+            w = torch.stack([torch.linalg.inv(torch.eye(b, dtype=torch.float64) + m) for m in s.double()])
+            expected = -2 * w.transpose(1, 2) @ gy.double() @ w.transpose(1, 2)  # dS of R = 2 (I + S)^-1 - I
+            close(x.grad, expected, torch.float32, f"grad b={b}")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cayley_general_square_inputs():
@@ -159,6 +182,21 @@ def test_cayley_noncontiguous_and_empty():
         r.sum().backward()
         assert x.grad.shape == (0, 7, 7)
         assert ops.cayley(torch.zeros(2, 0, 0), k).shape == (2, 0, 0)
+
+
+def test_cayley_threads_agree():
+    # Blocks are split over threads (the module runs single-threaded): the same bits with two.
+    s = make_skew(7, 40, torch.float32)
+    gy = torch.randn(7, 40, 40)
+    one = {k: (ops.cayley(s, k), fp.cayley_backward(gy, s, ops.cayley(s, k), k)) for k in (0, 5)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for k, (r, g) in one.items():
+            assert torch.equal(ops.cayley(s, k), r)
+            assert torch.equal(fp.cayley_backward(gy, s, r, k), g)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cayley_matches_peft():

@@ -20,6 +20,7 @@
 //   static bool fused_forward(int64_t b, at::ScalarType dtype, int64_t k);
 //   static void forward(S (T), k, out (T));                      // when fused_forward
 //   static void inverse(S (T), out (M));                         // (I + S)^-1, when fused_forward(b, dtype, 0)
+// (the CPU backend takes every exact-form block itself: Gauss-Jordan, or LAPACK one block per call).
 //   static constexpr bool kHasFusedBackward; and if true:
 //   static bool fused_backward(int64_t b, at::ScalarType dtype, int64_t k);
 //   static void backward(G (T), S (T), R (T), k, out (T));        // when fused_backward

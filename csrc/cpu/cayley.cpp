@@ -23,9 +23,14 @@ using cpu::ld;
 using cpu::OpMath;
 using cpu::st;
 
-// Above this, ATen's blocked LAPACK/BLAS routines beat per-block loops (the block no longer sits in
-// L2 next to its work buffers).
+// Above this, the Neumann polynomial and the backward go through ATen's bmm (MKL's blocked GEMM beats
+// the per-block loops once a block and its work buffers no longer sit in L2).
 constexpr int64_t kCpuFusedMaxBlock = 256;
+// The exact form's inverse: Gauss-Jordan per block up to this size (faster than LAPACK there), above it
+// LAPACK one block per call. Never a batched LAPACK call: torch 2.14.1's batched CPU LU (getrf inside
+// at::parallel_for) returned invalid pivots with 2 threads for b >= 192 on the project's 2-core build
+// machine (a single-block call, threaded inside MKL, is fine).
+constexpr int64_t kCpuGaussJordanMaxBlock = 512;
 
 // In-place inverse of the row-major b x b matrix a by Gauss-Jordan elimination with partial
 // pivoting (row swaps recorded in piv, undone as column swaps at the end). A zero pivot gives inf/nan.
@@ -47,16 +52,18 @@ FASTPEFT_INLINE void gauss_jordan_inverse_impl(M* __restrict__ a, int64_t b, int
       M* __restrict__ rp = a + p * b;
       for (int64_t j = 0; j < b; ++j) std::swap(rk[j], rp[j]);
     }
+    // Each row's scalar fix-up of column k comes after its vector pass: a scalar store followed by
+    // a vector load of the same row would stall on store forwarding.
     const M inv = M(1) / rk[k];
-    rk[k] = M(1);
     for (int64_t j = 0; j < b; ++j) rk[j] *= inv;
+    rk[k] = inv;
     for (int64_t i = 0; i < b; ++i) {
       if (i == k) continue;
       M* __restrict__ ri = a + i * b;
       const M f = ri[k];
       if (f == M(0)) continue;  // e.g. OFT's identity initialisation: nothing to eliminate
-      ri[k] = M(0);
       for (int64_t j = 0; j < b; ++j) ri[j] -= f * rk[j];
+      ri[k] = -f * inv;
     }
   }
   for (int64_t k = b - 1; k >= 0; --k) {
@@ -66,11 +73,13 @@ FASTPEFT_INLINE void gauss_jordan_inverse_impl(M* __restrict__ a, int64_t b, int
   }
 }
 
-// c[i0:i0+R, j0:j0+C] (+)= x[i0:i0+R, :] y[:, j0:j0+C] with the R x C tile in registers (a fixed-size
-// accumulator the compiler keeps in vector registers); row-major n x n.
+// c[i0:i0+R, j0:j0+C] (+)= x[i0:i0+R, :] y[:, j0:j0+C] + diag I with the R x C tile in registers (a
+// fixed-size accumulator the compiler keeps in vector registers); row-major n x n. The identity term
+// is added in the tile store: a separate scalar pass over the diagonal would stall the next vector
+// loads of those rows on store forwarding.
 template <class M, int R, int C>
 FASTPEFT_INLINE void matmul_tile(const M* __restrict__ x, const M* __restrict__ y, int64_t n, int64_t i0, int64_t j0,
-                                 bool accumulate, M* __restrict__ c) {
+                                 bool accumulate, M diag, M* __restrict__ c) {
   M acc[R][C];
   for (int r = 0; r < R; ++r) {
     for (int cc = 0; cc < C; ++cc) acc[r][cc] = accumulate ? c[(i0 + r) * n + j0 + cc] : M(0);
@@ -83,26 +92,26 @@ FASTPEFT_INLINE void matmul_tile(const M* __restrict__ x, const M* __restrict__ 
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int cc = 0; cc < C; ++cc) c[(i0 + r) * n + j0 + cc] = acc[r][cc];
+    for (int cc = 0; cc < C; ++cc) c[(i0 + r) * n + j0 + cc] = acc[r][cc] + (i0 + r == j0 + cc ? diag : M(0));
   }
 }
 
 template <class M, int R>
 FASTPEFT_INLINE void matmul_rows(const M* __restrict__ x, const M* __restrict__ y, int64_t n, int64_t i0,
-                                 bool accumulate, M* __restrict__ c) {
+                                 bool accumulate, M diag, M* __restrict__ c) {
   int64_t j0 = 0;
-  for (; j0 + 32 <= n; j0 += 32) matmul_tile<M, R, 32>(x, y, n, i0, j0, accumulate, c);
-  for (; j0 + 8 <= n; j0 += 8) matmul_tile<M, R, 8>(x, y, n, i0, j0, accumulate, c);
-  for (; j0 < n; ++j0) matmul_tile<M, R, 1>(x, y, n, i0, j0, accumulate, c);
+  for (; j0 + 32 <= n; j0 += 32) matmul_tile<M, R, 32>(x, y, n, i0, j0, accumulate, diag, c);
+  for (; j0 + 8 <= n; j0 += 8) matmul_tile<M, R, 8>(x, y, n, i0, j0, accumulate, diag, c);
+  for (; j0 < n; ++j0) matmul_tile<M, R, 1>(x, y, n, i0, j0, accumulate, diag, c);
 }
 
-// c = x y (accumulate: c += x y); row-major n x n.
+// c = x y + diag I (accumulate: c += x y + diag I); row-major n x n.
 template <class M>
 FASTPEFT_INLINE void matmul_impl(const M* __restrict__ x, const M* __restrict__ y, int64_t n, bool accumulate,
-                                 M* __restrict__ c) {
+                                 M diag, M* __restrict__ c) {
   int64_t i0 = 0;
-  for (; i0 + 4 <= n; i0 += 4) matmul_rows<M, 4>(x, y, n, i0, accumulate, c);
-  for (; i0 < n; ++i0) matmul_rows<M, 1>(x, y, n, i0, accumulate, c);
+  for (; i0 + 4 <= n; i0 += 4) matmul_rows<M, 4>(x, y, n, i0, accumulate, diag, c);
+  for (; i0 < n; ++i0) matmul_rows<M, 1>(x, y, n, i0, accumulate, diag, c);
 }
 
 // dst = src + diag I (op-math), b x b.
@@ -124,8 +133,8 @@ FASTPEFT_INLINE void store_block_impl(const M* __restrict__ src, int64_t b, M al
   FASTPEFT_CLONES void gauss_jordan_inverse(M* a, int64_t b, int64_t* piv) {                \
     gauss_jordan_inverse_impl<M>(a, b, piv);                                                \
   }                                                                                         \
-  FASTPEFT_CLONES void matmul(const M* x, const M* y, int64_t n, bool accumulate, M* c) {   \
-    matmul_impl<M>(x, y, n, accumulate, c);                                                 \
+  FASTPEFT_CLONES void matmul(const M* x, const M* y, int64_t n, bool accumulate, M diag, M* c) { \
+    matmul_impl<M>(x, y, n, accumulate, diag, c);                                           \
   }
 #define FASTPEFT_CAYLEY_STAMP(T, M)                                                         \
   FASTPEFT_CLONES void load_block(const T* src, int64_t b, M diag, M* dst) {                \
@@ -194,8 +203,7 @@ void forward_block(const T* s, int64_t b, int64_t k, T* out, BlockWork<M>& w) {
     add_diag(h, b, static_cast<M>(neumann_coefficient(m - 1, k)));
   }
   for (int64_t j = m - 2; j >= 0; --j) {
-    matmul(a, h, b, false, tmp);
-    add_diag(tmp, b, static_cast<M>(neumann_coefficient(j, k)));
+    matmul(a, h, b, false, static_cast<M>(neumann_coefficient(j, k)), tmp);
     std::swap(h, tmp);
   }
   store_block(h, b, M(1), M(0), out);
@@ -219,8 +227,8 @@ void backward_block(const T* g, const T* s, const T* r, int64_t b, int64_t k, T*
       gauss_jordan_inverse(inv, b, w.piv.data());
     }
     transpose_block(inv, b, t);
-    matmul(t, gm, b, false, tmp);
-    matmul(tmp, t, b, false, acc);
+    matmul(t, gm, b, false, M(0), tmp);
+    matmul(tmp, t, b, false, M(0), acc);
     store_block(acc, b, M(-2), M(0), out);
     return;
   }
@@ -233,11 +241,10 @@ void backward_block(const T* g, const T* s, const T* r, int64_t b, int64_t k, T*
   set_scaled_identity(q, b, cm);
   for (int64_t e = 0; e < b * b; ++e) acc[e] = cm * gm[e];
   for (int64_t i = m - 2; i >= 0; --i) {
-    matmul(t, q, b, false, tmp);  // Q = c_(i+1) I + T Q
-    add_diag(tmp, b, static_cast<M>(neumann_coefficient(i + 1, k)));
+    matmul(t, q, b, false, static_cast<M>(neumann_coefficient(i + 1, k)), tmp);  // Q = c_(i+1) I + T Q
     std::swap(q, tmp);
-    matmul(t, acc, b, false, tmp);  // acc = T acc + G Q
-    matmul(gm, q, b, true, tmp);
+    matmul(t, acc, b, false, M(0), tmp);  // acc = T acc + G Q
+    matmul(gm, q, b, true, M(0), tmp);
     std::swap(acc, tmp);
   }
   store_block(acc, b, M(1), M(0), out);
@@ -251,12 +258,20 @@ struct CpuCayleyBackend {
     explicit Guard(c10::Device) {}
   };
 
-  static bool fused_forward(int64_t b, at::ScalarType, int64_t) { return b <= kCpuFusedMaxBlock; }
+  static bool fused_forward(int64_t b, at::ScalarType, int64_t k) { return k == 0 || b <= kCpuFusedMaxBlock; }
   static constexpr bool kHasFusedBackward = true;
   static bool fused_backward(int64_t b, at::ScalarType, int64_t) { return b <= kCpuFusedMaxBlock; }
 
   static void forward(const at::Tensor& S, int64_t k, at::Tensor& out) {
     const int64_t n = S.size(0), b = S.size(1);
+    if (k == 0 && b > kCpuGaussJordanMaxBlock) {
+      at::Tensor r = at::empty({n, b, b}, S.options().dtype(cayley_opmath(S.scalar_type())));
+      inverse(S, r);
+      r.mul_(2.0);
+      r.diagonal(0, 1, 2).sub_(1.0);
+      out.copy_(r);
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, S.scalar_type(), "fastpeft_cayley", [&] {
       using M = typename OpMath<scalar_t>::type;
       const scalar_t* sp = S.const_data_ptr<scalar_t>();
@@ -270,6 +285,12 @@ struct CpuCayleyBackend {
 
   static void inverse(const at::Tensor& S, at::Tensor& out) {
     const int64_t n = S.size(0), b = S.size(1);
+    if (b > kCpuGaussJordanMaxBlock) {
+      at::Tensor a = S.to(out.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      a.diagonal(0, 1, 2).add_(1.0);
+      for (int64_t i = 0; i < n; ++i) out.select(0, i).copy_(std::get<0>(at::linalg_inv_ex(a.select(0, i))));
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, S.scalar_type(), "fastpeft_cayley_inverse", [&] {
       using M = typename OpMath<scalar_t>::type;
       const scalar_t* sp = S.const_data_ptr<scalar_t>();
