@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -153,13 +154,13 @@ FASTPEFT_CAYLEY_STAMP(c10::Half, float)
 #undef FASTPEFT_CAYLEY_STAMP
 #undef FASTPEFT_CAYLEY_STAMP_M
 
-// Thread-local op-math buffers for one b x b block at a time.
+// One parallel task's op-math buffers (`slots` b x b matrices, uninitialised) for a block at a time.
 template <class M>
 struct BlockWork {
-  explicit BlockWork(int64_t b) : bb(b * b), buf(6 * b * b), piv(b) {}
-  M* slot(int i) { return buf.data() + i * bb; }
+  BlockWork(int64_t b, int slots) : bb(b * b), buf(new M[slots * b * b]), piv(b) {}
+  M* slot(int i) { return buf.get() + i * bb; }
   int64_t bb;
-  std::vector<M> buf;
+  std::unique_ptr<M[]> buf;
   std::vector<int64_t> piv;
 };
 
@@ -277,7 +278,7 @@ struct CpuCayleyBackend {
       const scalar_t* sp = S.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n, grain_blocks(b), [&](int64_t lo, int64_t hi) {
-        BlockWork<M> w(b);
+        BlockWork<M> w(b, k == 0 ? 1 : 3);
         for (int64_t i = lo; i < hi; ++i) forward_block<scalar_t, M>(sp + i * b * b, b, k, op + i * b * b, w);
       });
     });
@@ -314,7 +315,7 @@ struct CpuCayleyBackend {
       const scalar_t* rp = R.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n, grain_blocks(b), [&](int64_t lo, int64_t hi) {
-        BlockWork<M> w(b);
+        BlockWork<M> w(b, 6);
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t e = i * b * b;
           backward_block<scalar_t, M>(gp + e, sp + e, rp + e, b, k, op + e, w);
