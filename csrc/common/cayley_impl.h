@@ -11,9 +11,12 @@
 //   k == 0: with W = (I + S)^-1, dS = -2 W^T G W^T. W = (R + I) / 2 from the saved output when R
 //           holds op-math values (float32/float64 inputs), else recomputed from S in op-math (R in
 //           bf16/fp16 carries only ~3 digits).
-//   k >= 1: with T = S^T and Q_i = sum_{j>i} c_j T^(j-1-i) (the Horner tails of p),
-//           dS = sum_{i<m} T^i G Q_i, itself by Horner from the top: Q = c_m I, acc = G Q; then for
-//           i = m-2 .. 0: Q = c_(i+1) I + T Q, acc = G Q + T acc. No powers are stored.
+//   k == 1: R = I, dS = 0.
+//   k >= 2: with T = S^T, dS = sum_{j<=m} c_j sum_{a+r=j-1} T^a G T^r = sum_r Z_r T^r where
+//           Z_r = sum_{a<=m-1-r} c_(a+r+1) Y_a, Y_a = T^a G; as c_j = 2 below the top power,
+//           Z_r = 2 C + c_m Y_(m-1-r) with C = Y_0 + ... + Y_(m-2-r). Horner on the right runs r down
+//           while Y and C run up, so one pass, two b x b products a step, no powers stored:
+//           Y = G, C = 0, acc = c_m G; for r = m-2 .. 0: C += Y, Y = T Y, acc = 2 C + c_m Y + acc T.
 //
 // A backend BK provides (tensors contiguous; T the input dtype, M its op-math type):
 //   using Guard;
@@ -155,14 +158,15 @@ at::Tensor cayley_backward_impl(const at::Tensor& grad_r, const at::Tensor& skew
     ds = at::bmm(at::bmm(wt, g), wt).mul_(-2.0);
   } else {
     const int64_t m = neumann_degree(k);
+    const double top = neumann_coefficient(m, k);
     const at::Tensor st = skew.to(op).transpose(1, 2);
-    at::Tensor q = at::zeros({n, b, b}, opts);
-    q.diagonal(0, 1, 2).fill_(neumann_coefficient(m, k));
-    ds = g.mul(neumann_coefficient(m, k));
-    for (int64_t i = m - 2; i >= 0; --i) {
-      q = at::bmm(st, q);
-      q.diagonal(0, 1, 2).add_(neumann_coefficient(i + 1, k));
-      ds = at::baddbmm(at::bmm(g, q), st, ds);
+    at::Tensor y = g;
+    at::Tensor c = at::zeros({n, b, b}, opts);
+    ds = g.mul(top);
+    for (int64_t r = m - 2; r >= 0; --r) {
+      c.add_(y);
+      y = at::bmm(st, y);
+      ds = at::baddbmm(c.mul(2.0).add_(y, top), ds, st);
     }
   }
   return ds.to(dt);

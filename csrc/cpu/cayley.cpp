@@ -234,18 +234,22 @@ void backward_block(const T* g, const T* s, const T* r, int64_t b, int64_t k, T*
     return;
   }
   const int64_t m = neumann_degree(k);
-  M* q = w.slot(4);
-  M* sm = w.slot(5);
-  load_block(s, b, M(0), sm);
-  transpose_block(sm, b, t);
-  const M cm = static_cast<M>(neumann_coefficient(m, k));
-  set_scaled_identity(q, b, cm);
-  for (int64_t e = 0; e < b * b; ++e) acc[e] = cm * gm[e];
-  for (int64_t i = m - 2; i >= 0; --i) {
-    matmul(t, q, b, false, static_cast<M>(neumann_coefficient(i + 1, k)), tmp);  // Q = c_(i+1) I + T Q
-    std::swap(q, tmp);
-    matmul(t, acc, b, false, M(0), tmp);  // acc = T acc + G Q
-    matmul(gm, q, b, true, M(0), tmp);
+  const M top = static_cast<M>(neumann_coefficient(m, k));
+  M* y = w.slot(4);
+  M* c = w.slot(5);
+  load_block(s, b, M(0), tmp);
+  transpose_block(tmp, b, t);
+  for (int64_t e = 0; e < b * b; ++e) {
+    y[e] = gm[e];
+    c[e] = M(0);
+    acc[e] = top * gm[e];
+  }
+  for (int64_t r = m - 2; r >= 0; --r) {
+    for (int64_t e = 0; e < b * b; ++e) c[e] += y[e];
+    matmul(t, y, b, false, M(0), tmp);  // Y = T Y
+    std::swap(y, tmp);
+    for (int64_t e = 0; e < b * b; ++e) tmp[e] = M(2) * c[e] + top * y[e];
+    matmul(acc, t, b, true, M(0), tmp);  // acc = Z_r + acc T
     std::swap(acc, tmp);
   }
   store_block(acc, b, M(1), M(0), out);
