@@ -1191,8 +1191,9 @@ def cayley(skew: Tensor, num_neumann_terms: int = 0) -> Tensor:
             ``k >= 4: I + 2(S + ... + S^(k-2)) + S^(k-1)`` (see :func:`fastpeft.reference.cayley`).
 
     Computed in float32 (float64 for float64) and rounded once to skew's dtype. The exact form
-    inverts ``I + S`` by Gauss-Jordan elimination with partial pivoting (large blocks: batched LU);
-    a singular ``I + S`` (never the case for skew-symmetric S) yields inf/nan, it is not detected.
+    inverts ``I + S`` with partial pivoting (Gauss-Jordan per block; on CPU LAPACK per block above
+    b = 512, on CUDA a batched LU above b = 64); a singular ``I + S`` (never the case for
+    skew-symmetric S) yields inf/nan, it is not detected.
     Differentiable w.r.t. ``skew``; backward saves ``skew`` and ``R`` only.
     """
     _check_cayley(skew, num_neumann_terms)
