@@ -123,4 +123,14 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "hadamard_linear_backward(Tensor grad_y, Tensor x, Tensor w1_a, Tensor w1_b, Tensor w2_a, "
       "Tensor w2_b, float scale, int strategy=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- cayley family (OFT, BOFT) -----------------------------------------------------------
+  // Batched Cayley transform of square blocks skew [n, b, b] -> R [n, b, b] (formulas in
+  // csrc/common/cayley_impl.h and reference.py): num_neumann_terms = 0 is the exact
+  // R = (I - S)(I + S)^-1, k >= 1 peft OFT's truncated Neumann polynomial. Op-math float32
+  // (float64 for float64), rounded once.
+  m.def("cayley(Tensor skew, int num_neumann_terms=0) -> Tensor");
+  // dL/dskew from grad_r = dL/dR; r is cayley's output (the exact form's backward rebuilds
+  // (I + S)^-1 = (R + I) / 2 from it when it holds op-math values, else from skew).
+  m.def("cayley_backward(Tensor grad_r, Tensor skew, Tensor r, int num_neumann_terms=0) -> Tensor");
 }

@@ -36,6 +36,7 @@ __all__ = [
     "kron_linear",
     "hadamard_delta",
     "hadamard_linear",
+    "cayley",
 ]
 
 _ops = torch.ops.fastpeft
@@ -1129,8 +1130,79 @@ def hadamard_linear(
 
 
 # ---- orthogonal family (OFT, BOFT) -----------------------------------------------------------------
+# cayley: the batched Cayley transform of OFT/BOFT's skew-symmetric blocks (csrc/common/cayley_impl.h).
+# Backward saves only skew and the output R; (I + S)^-1 is rebuilt from R (or from skew for bf16/fp16).
+
+
+def _check_cayley(skew, num_neumann_terms) -> None:
+    _check_tensor(skew, "skew", 3)
+    if skew.shape[1] != skew.shape[2]:
+        raise ValueError(f"'skew' must be a batch of square blocks [n, b, b], got shape {tuple(skew.shape)}")
+    if not isinstance(num_neumann_terms, int) or isinstance(num_neumann_terms, bool):
+        raise TypeError(f"'num_neumann_terms' must be an int, got {type(num_neumann_terms).__name__}")
+    if num_neumann_terms < 0:
+        raise ValueError(f"'num_neumann_terms' must be >= 0 (0 = the exact Cayley transform), got {num_neumann_terms}")
+
+
+@torch.library.register_fake("fastpeft::cayley")
+def _cayley_fake(skew, num_neumann_terms=0):
+    _check_cayley(skew, num_neumann_terms)
+    return skew.new_empty(skew.shape)
+
+
+@torch.library.register_fake("fastpeft::cayley_backward")
+def _cayley_backward_fake(grad_r, skew, r, num_neumann_terms=0):
+    _check_cayley(skew, num_neumann_terms)
+    for t, name in ((grad_r, "grad_r"), (r, "r")):
+        _check_tensor(t, name, 3)
+        _check_same(t, skew, name, "skew")
+        if t.shape != skew.shape:
+            raise ValueError(f"'{name}' has shape {tuple(t.shape)} but 'skew' has shape {tuple(skew.shape)}")
+    return skew.new_empty(skew.shape)
+
+
+def _cayley_setup(ctx, inputs, output):
+    skew, num_neumann_terms = inputs
+    ctx.num_neumann_terms = num_neumann_terms
+    ctx.save_for_backward(skew, output)
+
+
+def _cayley_bwd(ctx, grad_r):
+    if grad_r is None or not ctx.needs_input_grad[0]:
+        return None, None
+    skew, r = ctx.saved_tensors
+    return _ops.cayley_backward(grad_r, skew, r, ctx.num_neumann_terms), None
+
+
+torch.library.register_autograd("fastpeft::cayley", _cayley_bwd, setup_context=_cayley_setup)
+
+
+def cayley(skew: Tensor, num_neumann_terms: int = 0) -> Tensor:
+    """Batched Cayley transform ``R`` ``[n, b, b]`` of square blocks ``skew`` ``[n, b, b]`` (peft OFT/BOFT).
+
+    Args:
+        skew: ``[n, b, b]`` blocks ``S`` (float32, bfloat16, float16 or float64; any strides; ``n`` may
+            be 0). Making them skew-symmetric is the caller's job (e.g. ``A - A^T``); for any square
+            ``S`` with ``I + S`` nonsingular the result and its gradient are the plain matrix functions.
+        num_neumann_terms: ``0`` for the exact ``R = (I - S)(I + S)^-1`` (peft OFT with
+            ``use_cayley_neumann=False``, and BOFT); ``k >= 1`` for peft OFT's truncated Neumann
+            polynomial, which approximates the other sign convention ``(I + S)(I - S)^-1``:
+            ``k = 1: I``; ``k = 2: I + 2S``; ``k = 3`` and ``k = 4: I + 2S + 2S^2 + S^3``;
+            ``k >= 4: I + 2(S + ... + S^(k-2)) + S^(k-1)`` (see :func:`fastpeft.reference.cayley`).
+
+    Computed in float32 (float64 for float64) and rounded once to skew's dtype. The exact form
+    inverts ``I + S`` with partial pivoting (Gauss-Jordan per block; on CPU LAPACK per block above
+    b = 512, on CUDA a batched LU above b = 64); a singular ``I + S`` (never the case for
+    skew-symmetric S) yields inf/nan, it is not detected.
+    Differentiable w.r.t. ``skew``; backward saves ``skew`` and ``R`` only.
+    """
+    _check_cayley(skew, num_neumann_terms)
+    if not _use_kernel(skew):
+        return _ref.cayley(skew, num_neumann_terms)
+    return _ops.cayley(skew, num_neumann_terms)
+
+
 # TEMP: pure-PyTorch stand-ins so the OFT/BOFT tuners can be written while the kernels are; each line is
 # replaced by the compiled op's wrapper when its kernel lands.
-cayley = _ref.cayley  # TEMP cayley
 block_diag_rotate = _ref.block_diag_rotate  # TEMP block_diag_rotate
 butterfly_rotate = _ref.butterfly_rotate  # TEMP butterfly_rotate
