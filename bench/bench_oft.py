@@ -12,6 +12,7 @@ machine where its fbd_cuda extension does not build).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -40,19 +41,26 @@ def _targets(label: str, dtype: torch.dtype):
     return Target(3.0, ">=", "BOFT"), mem
 
 
-def _peft_boft_without_cuda_extension(device: str) -> None:
+@contextlib.contextmanager
+def _peft_boft_without_cuda_extension(device: str):
     """On a CPU run, peft's BOFT would try (and here fail) to compile its fbd_cuda extension once per
     layer, seconds each; it then runs without it. Tell it up front that there is none (its behaviour
-    either way); on CUDA it keeps building and using the extension."""
-    if not str(device).startswith("cuda"):
-        import peft.tuners.boft.layer as boft_layer
+    either way) for the duration of the suite; on CUDA it keeps building and using the extension."""
+    if str(device).startswith("cuda"):
+        yield
+        return
+    import peft.tuners.boft.layer as boft_layer
 
-        boft_layer.get_fbd_cuda = lambda: None
+    saved = boft_layer.get_fbd_cuda
+    boft_layer.get_fbd_cuda = lambda: None
+    try:
+        yield
+    finally:
+        boft_layer.get_fbd_cuda = saved
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
     dev = ctx.device
-    _peft_boft_without_cuda_extension(dev)
     torch.manual_seed(1)
     x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
     g = torch.randn(tokens, d, device=dev, dtype=dtype)
@@ -84,7 +92,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         "BOFT with boft_n_butterfly_factor=1: peft cannot run more factors without its CUDA extension",
         "targets are informational (never asserted)",
     ])
-    for dtype in ctx.dtypes:
-        bench_linear(ctx, res, table, dtype, d, tokens)
+    with _peft_boft_without_cuda_extension(ctx.device):
+        for dtype in ctx.dtypes:
+            bench_linear(ctx, res, table, dtype, d, tokens)
     res.tables.append(table)
     return res

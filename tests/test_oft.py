@@ -789,3 +789,28 @@ def test_linear_forward_saves_no_dense_rotation(use_cayley_neumann):
     assert saved and ours.model[0].oft_R["default"].weight.grad is not None
     big = [tuple(t.shape) for t in saved if t.numel() >= d * d and t.data_ptr() != weight_ptr]
     assert not big, big
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_is_saved_in_its_own_dtype(dtype):
+    """A bf16/fp16 layer with float32 adapters (peft's autocast_adapter_dtype) rotates in the input's dtype:
+    backward keeps x itself, not a float32 copy of it (peft keeps the float32 copy)."""
+    d, tokens = 64, 48
+    model = fastpeft.get_peft_model(nn.Sequential(nn.Linear(d, d)).to(dtype),
+                                    OFTConfig(target_modules=["0"], oft_block_size=8, init_weights=False))
+    assert model.base_model.model[0].oft_R["default"].weight.dtype == torch.float32
+    x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    assert y.dtype == dtype
+    weight_ptr = model.base_model.model[0].base_layer.weight.data_ptr()
+    token_sized = [t for t in saved if t.numel() >= tokens * d and t.data_ptr() != weight_ptr]
+    assert token_sized and all(t.dtype == dtype for t in token_sized), [(t.shape, t.dtype) for t in token_sized]
+    y.float().square().sum().backward()
+    assert model.base_model.model[0].oft_R["default"].weight.grad.dtype == torch.float32

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ...ops import block_diag_rotate, cayley
+
+_HALF = (torch.float16, torch.bfloat16)
 from ..base import BaseTunerLayer, _conv1d_class
 
 __all__ = ["OFTRotation", "OFTLayer", "Linear", "Conv2d", "Embedding", "adjust_oft_parameters"]
@@ -245,10 +247,19 @@ class OFTLayer(nn.Module, BaseTunerLayer):
         return [rotations[name] for name in self.active_adapters if name in rotations]
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ blockdiag(R_1) @ blockdiag(R_2) ... over the active adapters, each in its adapter's dtype."""
+        """x @ blockdiag(R_1) @ blockdiag(R_2) ... over the active adapters.
+
+        Each product runs in the lower precision of x and the adapter: a bf16/fp16 x meets its float32
+        adapter's R cast down (small, [n, b, b]; accumulation stays float32 in the kernel), as autocast
+        would do, instead of casting x up as peft does — so backward keeps x in 2 bytes per element, not
+        a float32 copy. A float32 x meets a bf16/fp16 adapter cast down to it (peft's rule)."""
         for rotation in self._active_rotations():
-            x = self._cast_input_dtype(x, rotation.weight.dtype)
-            x = block_diag_rotate(x, rotation.rotation())
+            rot = rotation.rotation()
+            if x.dtype in _HALF and rot.dtype not in _HALF and getattr(self, "cast_input_dtype_enabled", True):
+                rot = rot.to(x.dtype)
+            else:
+                x = self._cast_input_dtype(x, rotation.weight.dtype)
+            x = block_diag_rotate(x, rot)
         return x
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
