@@ -123,4 +123,27 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "hadamard_linear_backward(Tensor grad_y, Tensor x, Tensor w1_a, Tensor w1_b, Tensor w2_a, "
       "Tensor w2_b, float scale, int strategy=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- orthogonal family (OFT, BOFT) -------------------------------------------------------
+  // y = x @ blockdiag(rot): x [..., d], rot [n, b, b] with n * b == d, or n == 1 (one block shared by
+  // all d / b slices); y[..., k b + c] = sum_j x[..., k b + j] rot[k, j, c]. The dense [d, d] matrix
+  // is never built; sums are op-math (fp32; fp64 for fp64), rounded once.
+  m.def("block_diag_rotate(Tensor x, Tensor rot) -> Tensor");
+  // Returns (grad_x, grad_rot); grad_rot sums over tokens (and over the slices of a shared block)
+  // in op-math and rounds once. An output not asked for (need_grad_x / need_grad_rot False) is
+  // not computed and comes back as an empty [0] tensor.
+  m.def(
+      "block_diag_rotate_backward(Tensor grad_y, Tensor x, Tensor rot, bool need_grad_x=True, "
+      "bool need_grad_rot=True) -> (Tensor, Tensor)");
+  // y = x @ M_0 @ ... @ M_(m-1), M_i = P_i blockdiag(rot[i]) P_i^T, P_i[j, perm[i, j]] = 1:
+  // x [..., d], rot [m, n, b, b] (n * b == d or n == 1), perm int64 [m, d] (each row a permutation of
+  // 0..d-1, on x's device). The permutations are index maps (consecutive ones composed), never
+  // matrices: O(m d b) work per token. Each factor's output is held in x's dtype, or in fp32 where
+  // the kernel computes from fp32 (fp16; bf16 without the CPU's bf16 dot products, or odd b).
+  m.def("butterfly_rotate(Tensor x, Tensor rot, Tensor perm) -> Tensor");
+  // Returns (grad_x, grad_rot) as block_diag_rotate_backward; saves nothing: the factor inputs are
+  // recomputed from x.
+  m.def(
+      "butterfly_rotate_backward(Tensor grad_y, Tensor x, Tensor rot, Tensor perm, bool need_grad_x=True, "
+      "bool need_grad_rot=True) -> (Tensor, Tensor)");
 }
