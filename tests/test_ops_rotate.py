@@ -200,6 +200,17 @@ def test_butterfly_rotate_identity_perm_is_block_diag():
     torch.testing.assert_close(ops.butterfly_rotate(x, rot, perm), ops.block_diag_rotate(x, rot[0]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_butterfly_rotate_identity_perms_several_factors(dtype):
+    # Every index map the identity but m > 1: the factors still pass through the tile buffers.
+    for m in (2, 3):
+        b, n = 8, 4
+        perm = torch.arange(n * b).expand(m, n * b).contiguous()
+        rot = rand_rot(m, n, b, b, dtype=dtype, seed=m)
+        x = rand(100, n * b, dtype=dtype)
+        check_grads(ops.butterfly_rotate, ref.butterfly_rotate, x, rot, dtype, f"identity m={m}", (perm,))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_butterfly_rotate_leading_dims_noncontiguous(dtype):
     m, b, n = 2, 4, 4

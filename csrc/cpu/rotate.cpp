@@ -786,7 +786,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& rot, const ChainMaps& 
   const int64_t N = x.size(0), d = x.size(1), m = rot.size(0), n = rot.size(1), b = rot.size(2);
   const Pack<typename E::P> fw =
       make_pack<typename E::P>(rot.const_data_ptr<T>(), m, n, b, false, std::is_same_v<CT, BFloat16>);
-  const bool buffered = !(std::is_same_v<T, CT> && all_identity(maps));
+  const bool buffered = m > 1 || !(std::is_same_v<T, CT> && all_identity(maps));
   E e{d, m, n, b, d / b, tile_rows(m, d, sizeof(CT), buffered), buffered, isa, &maps, &fw, nullptr};
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -811,7 +811,7 @@ void backward_typed(const at::Tensor& gy, const at::Tensor& x, const at::Tensor&
   Pack<typename E::P> fw, bw;
   if (need_rot && m > 1) fw = make_pack<typename E::P>(rp, m, n, b, false, pairs);
   if (need_gx || m > 1) bw = make_pack<typename E::P>(rp, m, n, b, true, pairs);
-  const bool buffered = !(std::is_same_v<T, CT> && all_identity(maps));
+  const bool buffered = m > 1 || !(std::is_same_v<T, CT> && all_identity(maps));
   E e{d, m, n, b, d / b, tile_rows(m, d, sizeof(CT), buffered), buffered, isa, &maps, &fw, &bw};
   const int64_t ldw = round_up(b, 16);
   const int64_t chunks = for_tile_chunks(N, e.tile, [](int64_t, int64_t, int64_t) {}, false);
