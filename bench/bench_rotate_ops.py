@@ -7,8 +7,9 @@ layer they sit in front of, forward + backward (grad_x and grad_rot) via torch.a
 Rows: OFT b=32 (n=32 blocks, and one shared block), BOFT b in {8, 32} x m in {1, 2, 4} (peft's
 butterfly permutations), fp32 and bf16. "base" is F.linear(x, W) forward + its input gradient
 (2048x1024 @ 1024x1024, frozen W) in the same dtype; "% of base" is the rotation's fwd+bwd time as a
-percentage of it. Times are the best torch.utils.benchmark block over --min-time seconds (robust to
-other processes on a shared machine). Outputs are checked against the reference once before timing.
+percentage of it. The three are timed in interleaved rounds (bench.common.time_interleaved); the table
+gives each one's best round and the median over rounds of the paired ratios (both robust to other
+processes on a shared machine). Outputs are checked against the reference once before timing.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
+
+from .common import time_interleaved
 
 from fastpeft import ops
 from fastpeft import reference as ref
@@ -40,14 +42,6 @@ def peft_perms(d: int, block_num: int, block_size: int, m: int) -> torch.Tensor:
     return torch.stack(perms)
 
 
-def _time_ms(fn, threads: int, min_time: float) -> float:
-    """Best per-call time (ms) over >= min_time seconds of torch.utils.benchmark blocks: on a shared
-    machine the best block is the one least disturbed by other processes."""
-    t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
-    m = t.blocked_autorange(min_run_time=min_time)
-    return min(m.raw_times) / m.number_per_run * 1e3
-
-
 def _fwd_bwd(op, x, rot, g, *extra):
     def run():
         return torch.autograd.grad(op(x, rot, *extra), (x, rot), g)
@@ -59,18 +53,20 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per case")
+    p.add_argument("--min-sample-ms", type=float, default=20.0, help="each timed sample lasts at least this long")
     p.add_argument("--quick", action="store_true", help="256 tokens, d=256, short timings")
     p.add_argument("--dtypes", default="fp32,bf16")
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.d, args.min_time = 256, 256, 0.1
+        args.tokens, args.d, args.repeats, args.min_sample_ms = 256, 256, 3, 2.0
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     n_tok, d = args.tokens, args.d
     cases = [("OFT b=32", 32, 0, False), ("OFT b=32 shared", 32, 0, True)]
     cases += [(f"BOFT b={b} m={m}", b, m, False) for b in (8, 32) for m in (1, 2, 4)]
-    header = f"{'dtype':5} {'case':18} {'base ms':>8} {'ours ms':>8} {'% of base':>9} {'ref ms':>8} {'vs ref':>7}"
+    header = (f"{'dtype':5} {'case':18} {'base ms':>8} {'ours ms':>8} {'ref ms':>8} {'% of base':>9} "
+              f"{'(median)':>8} {'vs ref':>7}")
     print(f"tokens={n_tok} d={d} threads={args.threads}")
     print(header)
     print("-" * len(header))
@@ -80,7 +76,10 @@ def main(argv=None) -> None:
         x = torch.randn(n_tok, d, generator=gen).to(dtype).requires_grad_(True)
         g = torch.randn(n_tok, d, generator=gen).to(dtype)
         w = (torch.randn(d, d, generator=gen) * d**-0.5).to(dtype)
-        base = _time_ms(lambda: torch.autograd.grad(F.linear(x, w), x, g), args.threads, args.min_time)
+
+        def base():
+            return torch.autograd.grad(F.linear(x, w), x, g)
+
         for label, b, m, shared in cases:
             if d % b:
                 continue
@@ -97,9 +96,12 @@ def main(argv=None) -> None:
                 y, y_ref = ours_fn(x, rot, *extra).float(), ref_fn(x, rot, *extra).float()
                 err = ((y - y_ref).norm() / y_ref.norm()).item()
             assert err < (2e-2 if dtype != torch.float32 else 1e-4), (label, err)
-            ours = _time_ms(_fwd_bwd(ours_fn, x, rot, g, *extra), args.threads, args.min_time)
-            reft = _time_ms(_fwd_bwd(ref_fn, x, rot, g, *extra), args.threads, args.min_time)
-            print(f"{name:5} {label:18} {base:8.2f} {ours:8.2f} {100 * ours / base:8.1f}% {reft:8.2f} {reft / ours:6.1f}x")
+            t = time_interleaved({"base": base, "ours": _fwd_bwd(ours_fn, x, rot, g, *extra),
+                                  "ref": _fwd_bwd(ref_fn, x, rot, g, *extra)},
+                                 repeats=args.repeats, min_sample_ms=args.min_sample_ms)
+            tb, to, tr = t.minimum("base"), t.minimum("ours"), t.minimum("ref")
+            print(f"{name:5} {label:18} {tb:8.2f} {to:8.2f} {tr:8.2f} {100 * to / tb:8.1f}% "
+                  f"{100 / t.ratio('base', 'ours'):7.1f}% {tr / to:6.1f}x", flush=True)
 
 
 if __name__ == "__main__":

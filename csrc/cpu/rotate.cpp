@@ -6,8 +6,9 @@
 //   g_0 = perm_0^-1,  g_i = perm_(i-1) o perm_i^-1 (two consecutive maps composed into one),
 //   g_m = perm_(m-1);
 // OFT is the chain with m = 1 and identity maps. Identity maps cost nothing (the products read x
-// and write y in place); other maps are copied as runs of consecutive indices (peft's butterfly
-// permutations move runs of b/2). Backward walks the chain back with the inverse maps:
+// and write y in place); other maps are copied per token tile, as runs of consecutive indices where
+// runs are long (peft's butterfly permutations move runs of b/2), else element by element. Backward
+// walks the chain back with the inverse maps:
 //   gV = gy gathered through g_m^-1;  per factor: grad_rot[i] += U_i^T gV, gU = gV rot[i]^T,
 //   then gathered through g_i^-1;
 // the factor inputs U_i are recomputed per token tile from x (nothing but x is saved).
@@ -15,10 +16,11 @@
 // Work is split over threads by token tiles (each thread one contiguous range, its own fp32
 // grad_rot partial sums, added in a fixed order at the end: deterministic for a thread count). Per
 // tile and block the products are small GEMMs with the leading dimension of x or of the tile
-// buffer: an AVX-512 register-tiled microkernel (12 rows x 32 columns of fp32 accumulators for
-// b <= 32), for bf16 with the CPU's bf16 dot products (vdpbf16ps on pair-packed blocks, fp32 sums)
-// when it has them and b is even; portable loops (compiled for AVX-512, AVX2 and the baseline)
-// otherwise and for fp64. fp16 is computed from fp32 tiles. FASTPEFT_ROTATE_GENERIC=1 forces the
+// buffer: AVX-512 register-tiled microkernels (products 12 rows x 32 columns of fp32 accumulators;
+// grad_rot sums 24 x 16 with embedded-broadcast FMAs), for bf16 with the CPU's bf16 dot products
+// (vdpbf16ps on pair-packed blocks and on row-pair-interleaved tiles, fp32 sums) when it has them
+// and b is even; portable loops (compiled for AVX-512, AVX2 and the baseline) otherwise and for
+// fp64. fp16 (and bf16 without the pair kernels) is computed from fp32 tiles. FASTPEFT_ROTATE_GENERIC=1 forces the
 // portable loops (so tests exercise them on this machine too).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -592,7 +594,7 @@ struct Pack {
 };
 
 template <class P, class T>
-Pack<P> make_pack(const T* rot, int64_t m, int64_t n, int64_t b, bool transpose, bool pairs) {
+Pack<P> make_pack(const T* rot, int64_t m, int64_t n, int64_t b, bool transpose) {
   Pack<P> pk;
   pk.ldw = round_up(b, 16);
   pk.n = n;
@@ -605,11 +607,8 @@ Pack<P> make_pack(const T* rot, int64_t m, int64_t n, int64_t b, bool transpose,
     for (int64_t j = 0; j < b; ++j) {
       for (int64_t c = 0; c < b; ++c) {
         const T v = transpose ? r[c * b + j] : r[j * b + c];
-        if constexpr (std::is_same_v<P, uint16_t>) {
-          if constexpr (std::is_same_v<T, BFloat16>) {
-            o[((j / 2) * pk.ldw + c) * 2 + (j % 2)] = v.x;
-          }
-          (void)pairs;
+        if constexpr (std::is_same_v<P, uint16_t>) {  // bf16 pairs (only chosen for bf16 x)
+          if constexpr (std::is_same_v<T, BFloat16>) o[((j / 2) * pk.ldw + c) * 2 + (j % 2)] = v.x;
         } else {
           o[j * pk.ldw + c] = static_cast<P>(ld(v));
         }
@@ -785,7 +784,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& rot, const ChainMaps& 
   using E = Engine<T, CT>;
   const int64_t N = x.size(0), d = x.size(1), m = rot.size(0), n = rot.size(1), b = rot.size(2);
   const Pack<typename E::P> fw =
-      make_pack<typename E::P>(rot.const_data_ptr<T>(), m, n, b, false, std::is_same_v<CT, BFloat16>);
+      make_pack<typename E::P>(rot.const_data_ptr<T>(), m, n, b, false);
   const bool buffered = m > 1 || !(std::is_same_v<T, CT> && all_identity(maps));
   E e{d, m, n, b, d / b, tile_rows(m, d, sizeof(CT), buffered), buffered, isa, &maps, &fw, nullptr};
   const T* xp = x.const_data_ptr<T>();
@@ -806,11 +805,10 @@ void backward_typed(const at::Tensor& gy, const at::Tensor& x, const at::Tensor&
   using M = typename E::M;
   const int64_t N = x.size(0), d = x.size(1), m = rot.size(0), n = rot.size(1), b = rot.size(2);
   const bool need_gx = gx.defined(), need_rot = grot.defined();
-  constexpr bool pairs = std::is_same_v<CT, BFloat16>;
   const T* rp = rot.const_data_ptr<T>();
   Pack<typename E::P> fw, bw;
-  if (need_rot && m > 1) fw = make_pack<typename E::P>(rp, m, n, b, false, pairs);
-  if (need_gx || m > 1) bw = make_pack<typename E::P>(rp, m, n, b, true, pairs);
+  if (need_rot && m > 1) fw = make_pack<typename E::P>(rp, m, n, b, false);
+  if (need_gx || m > 1) bw = make_pack<typename E::P>(rp, m, n, b, true);
   const bool buffered = m > 1 || !(std::is_same_v<T, CT> && all_identity(maps));
   E e{d, m, n, b, d / b, tile_rows(m, d, sizeof(CT), buffered), buffered, isa, &maps, &fw, &bw};
   const int64_t ldw = round_up(b, 16);
