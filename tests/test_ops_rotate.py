@@ -223,6 +223,26 @@ def test_butterfly_rotate_leading_dims_noncontiguous(dtype):
     assert ops.butterfly_rotate(torch.zeros(3, 0, d, dtype=dtype), rot, perm).shape == (3, 0, d)
 
 
+def test_rotate_saves_only_inputs():
+    # Activation memory: backward keeps x, rot (and perm), never the factor outputs (recomputed).
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    m, b, n = 3, 4, 4
+    x = rand(50, n * b).requires_grad_(True)
+    rot = rand_rot(m, n, b, b).requires_grad_(True)
+    perm = rand_perm(m, n * b)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ops.butterfly_rotate(x, rot, perm)
+    assert sum(t.numel() * t.element_size() for t in saved) == sum(
+        t.numel() * t.element_size() for t in (x, rot, perm))
+    y.sum().backward()
+    assert x.grad is not None and rot.grad is not None
+
+
 def test_rotate_threads_and_tiles():
     # Many tokens over 2 threads: each thread sums its own grad_rot partials; 1000 rows leave a
     # partial last tile.
