@@ -257,17 +257,38 @@ FASTPEFT_CLONES void acc_portable(const double* u, int64_t ldu, const double* g,
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-FASTPEFT_ROT_AVX512 inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+// stream: the final output (y, grad_x), written once and read only by the next layer: whole aligned
+// lines go out with non-temporal stores (no read-for-ownership of lines that are overwritten whole;
+// on this machine the rotations are bound by memory bandwidth at 2 threads).
+FASTPEFT_ROT_AVX512 inline bool stream_ok(const void* p, __mmask16 k, uintptr_t align, bool stream) {
+  return stream && k == 0xFFFF && (reinterpret_cast<uintptr_t>(p) & (align - 1)) == 0;
+}
+FASTPEFT_ROT_AVX512 inline void store16(float* p, __m512 v, __mmask16 k, bool stream) {
+  if (stream_ok(p, k, 64, stream)) {
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, k, v);
+  }
+}
 // Round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's rounding, as cpu_math.h's st()).
-FASTPEFT_ROT_AVX512 inline void store16(BFloat16* p, __m512 v, __mmask16 k) {
+FASTPEFT_ROT_AVX512 inline void store16(BFloat16* p, __m512 v, __mmask16 k, bool stream) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+  if (stream_ok(p, k, 32, stream)) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+  }
 }
-FASTPEFT_ROT_AVX512 inline void store16(Half* p, __m512 v, __mmask16 k) {
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+FASTPEFT_ROT_AVX512 inline void store16(Half* p, __m512 v, __mmask16 k, bool stream) {
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (stream_ok(p, k, 32, stream)) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+  } else {
+    _mm256_mask_storeu_epi16(p, k, h);
+  }
 }
 
 inline __mmask16 lane_mask(int64_t lanes) {
@@ -280,7 +301,7 @@ inline __mmask16 lane_mask(int64_t lanes) {
 // block, b % 16 != 0); the packed blocks are zero padded and read whole.
 template <int MR, int NV, bool kAcc, bool kMaskW, class D>
 FASTPEFT_ROT_AVX512 void mk_f32(const float* u, int64_t rs, int64_t ks, const float* w, int64_t ldw, int64_t kdim,
-                                D* dst, int64_t ldd, __mmask16 last) {
+                                D* dst, int64_t ldd, __mmask16 last, bool stream) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
@@ -309,7 +330,7 @@ FASTPEFT_ROT_AVX512 void mk_f32(const float* u, int64_t rs, int64_t ks, const fl
         float* p = dst + r * ldd + 16 * v;
         _mm512_mask_storeu_ps(p, kmask, _mm512_add_ps(_mm512_maskz_loadu_ps(kmask, p), acc[r][v]));
       } else {
-        store16(dst + r * ldd + 16 * v, acc[r][v], kmask);
+        store16(dst + r * ldd + 16 * v, acc[r][v], kmask, stream);
       }
     }
 }
@@ -317,7 +338,7 @@ FASTPEFT_ROT_AVX512 void mk_f32(const float* u, int64_t rs, int64_t ks, const fl
 // The same with bf16 inputs: w pair-packed [kdim / 2][ldw][2], u pairs broadcast as 32-bit words.
 template <int MR, int NV, class D>
 FASTPEFT_ROT_AVX512BF16 void mk_rot_bf16(const uint16_t* u, int64_t ldu, const uint16_t* w, int64_t ldw,
-                                         int64_t kpairs, D* dst, int64_t ldd, __mmask16 last) {
+                                         int64_t kpairs, D* dst, int64_t ldd, __mmask16 last, bool stream) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -332,7 +353,8 @@ FASTPEFT_ROT_AVX512BF16 void mk_rot_bf16(const uint16_t* u, int64_t ldu, const u
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store16(dst + r * ldd + 16 * v, acc[r][v], v == NV - 1 ? last : lane_mask(16));
+    for (int v = 0; v < NV; ++v)
+      store16(dst + r * ldd + 16 * v, acc[r][v], v == NV - 1 ? last : lane_mask(16), stream);
 }
 
 constexpr int rows_per_tile(int nv) { return nv <= 2 ? 12 : 6; }
@@ -345,32 +367,33 @@ constexpr int rows_f32(int nv, bool acc) { return acc ? 24 : rows_per_tile(nv); 
 // Full row groups of MR, then one tail call with R = rows % MR (R < MR), unrolled by templates.
 template <int NV, bool kAcc, bool kMaskW, class D, int R = 1>
 FASTPEFT_ROT_AVX512 void tail_f32(int rem, const float* u, int64_t rs, int64_t ks, const float* w, int64_t ldw,
-                                  int64_t kdim, D* dst, int64_t ldd, __mmask16 last) {
+                                  int64_t kdim, D* dst, int64_t ldd, __mmask16 last, bool stream) {
   if constexpr (R < rows_f32(NV, kAcc)) {
-    if (rem == R) return mk_f32<R, NV, kAcc, kMaskW, D>(u, rs, ks, w, ldw, kdim, dst, ldd, last);
-    tail_f32<NV, kAcc, kMaskW, D, R + 1>(rem, u, rs, ks, w, ldw, kdim, dst, ldd, last);
+    if (rem == R) return mk_f32<R, NV, kAcc, kMaskW, D>(u, rs, ks, w, ldw, kdim, dst, ldd, last, stream);
+    tail_f32<NV, kAcc, kMaskW, D, R + 1>(rem, u, rs, ks, w, ldw, kdim, dst, ldd, last, stream);
   }
 }
 
 template <int NV, bool kAcc, bool kMaskW, class D>
 FASTPEFT_ROT_AVX512 void cols_f32(const float* u, int64_t rs, int64_t ks, int64_t rows, const float* w, int64_t ldw,
-                                  int64_t kdim, D* dst, int64_t ldd, __mmask16 last) {
+                                  int64_t kdim, D* dst, int64_t ldd, __mmask16 last, bool stream) {
   constexpr int MR = rows_f32(NV, kAcc);
   int64_t r = 0;
-  for (; r + MR <= rows; r += MR) mk_f32<MR, NV, kAcc, kMaskW, D>(u + r * rs, rs, ks, w, ldw, kdim, dst + r * ldd, ldd, last);
+  for (; r + MR <= rows; r += MR) mk_f32<MR, NV, kAcc, kMaskW, D>(u + r * rs, rs, ks, w, ldw, kdim, dst + r * ldd, ldd, last, stream);
   if (r < rows)
-    tail_f32<NV, kAcc, kMaskW, D>(static_cast<int>(rows - r), u + r * rs, rs, ks, w, ldw, kdim, dst + r * ldd, ldd, last);
+    tail_f32<NV, kAcc, kMaskW, D>(static_cast<int>(rows - r), u + r * rs, rs, ks, w, ldw, kdim, dst + r * ldd, ldd, last,
+                                  stream);
 }
 
 // dst[rows, ncols] (=, or += when kAcc) u[rows, kdim] w[kdim, ncols], in column groups of 64 (16
 // for the sums, see rows_f32).
 template <bool kAcc, bool kMaskW, class D>
 FASTPEFT_ROT_AVX512 void gemm_f32(const float* u, int64_t rs, int64_t ks, int64_t rows, const float* w, int64_t ldw,
-                                  int64_t kdim, int64_t ncols, D* dst, int64_t ldd) {
+                                  int64_t kdim, int64_t ncols, D* dst, int64_t ldd, bool stream) {
   if constexpr (kAcc) {
     for (int64_t c0 = 0; c0 < ncols; c0 += 16)
       cols_f32<1, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd,
-                                   lane_mask(std::min<int64_t>(16, ncols - c0)));
+                                   lane_mask(std::min<int64_t>(16, ncols - c0)), false);
     return;
   }
   for (int64_t c0 = 0; c0 < ncols; c0 += 64) {
@@ -378,42 +401,44 @@ FASTPEFT_ROT_AVX512 void gemm_f32(const float* u, int64_t rs, int64_t ks, int64_
     const int nv = static_cast<int>((nc + 15) / 16);
     const __mmask16 last = lane_mask(nc - 16 * (nv - 1));
     switch (nv) {
-      case 1: cols_f32<1, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last); break;
-      case 2: cols_f32<2, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last); break;
-      case 3: cols_f32<3, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last); break;
-      default: cols_f32<4, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last); break;
+      case 1: cols_f32<1, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last, stream); break;
+      case 2: cols_f32<2, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last, stream); break;
+      case 3: cols_f32<3, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last, stream); break;
+      default: cols_f32<4, kAcc, kMaskW, D>(u, rs, ks, rows, w + c0, ldw, kdim, dst + c0, ldd, last, stream); break;
     }
   }
 }
 
 template <class D>
 FASTPEFT_ROT_AVX512 void rot_avx512(const float* u, int64_t ldu, int64_t rows, const float* w, int64_t ldw, int64_t b,
-                                    D* dst, int64_t ldd) {
-  gemm_f32<false, false, D>(u, ldu, 1, rows, w, ldw, b, b, dst, ldd);
+                                    D* dst, int64_t ldd, bool stream) {
+  gemm_f32<false, false, D>(u, ldu, 1, rows, w, ldw, b, b, dst, ldd, stream);
 }
 
 template <int NV, class D, int R = 1>
 FASTPEFT_ROT_AVX512BF16 void rot_tail_bf16(int rem, const uint16_t* u, int64_t ldu, const uint16_t* w, int64_t ldw,
-                                           int64_t kp, D* dst, int64_t ldd, __mmask16 last) {
+                                           int64_t kp, D* dst, int64_t ldd, __mmask16 last, bool stream) {
   if constexpr (R < rows_per_tile(NV)) {
-    if (rem == R) return mk_rot_bf16<R, NV, D>(u, ldu, w, ldw, kp, dst, ldd, last);
-    rot_tail_bf16<NV, D, R + 1>(rem, u, ldu, w, ldw, kp, dst, ldd, last);
+    if (rem == R) return mk_rot_bf16<R, NV, D>(u, ldu, w, ldw, kp, dst, ldd, last, stream);
+    rot_tail_bf16<NV, D, R + 1>(rem, u, ldu, w, ldw, kp, dst, ldd, last, stream);
   }
 }
 
 template <int NV, class D>
 FASTPEFT_ROT_AVX512BF16 void rot_cols_bf16(const uint16_t* u, int64_t ldu, int64_t rows, const uint16_t* w,
-                                           int64_t ldw, int64_t kp, D* dst, int64_t ldd, __mmask16 last) {
+                                           int64_t ldw, int64_t kp, D* dst, int64_t ldd, __mmask16 last,
+                                           bool stream) {
   constexpr int MR = rows_per_tile(NV);
   int64_t r = 0;
-  for (; r + MR <= rows; r += MR) mk_rot_bf16<MR, NV, D>(u + r * ldu, ldu, w, ldw, kp, dst + r * ldd, ldd, last);
-  if (r < rows) rot_tail_bf16<NV, D>(static_cast<int>(rows - r), u + r * ldu, ldu, w, ldw, kp, dst + r * ldd, ldd, last);
+  for (; r + MR <= rows; r += MR) mk_rot_bf16<MR, NV, D>(u + r * ldu, ldu, w, ldw, kp, dst + r * ldd, ldd, last, stream);
+  if (r < rows)
+    rot_tail_bf16<NV, D>(static_cast<int>(rows - r), u + r * ldu, ldu, w, ldw, kp, dst + r * ldd, ldd, last, stream);
 }
 
 // b even; w pair-packed [b / 2][ldw][2].
 template <class D>
 FASTPEFT_ROT_AVX512BF16 void rot_avx512_bf16(const BFloat16* u, int64_t ldu, int64_t rows, const uint16_t* w,
-                                             int64_t ldw, int64_t b, D* dst, int64_t ldd) {
+                                             int64_t ldw, int64_t b, D* dst, int64_t ldd, bool stream) {
   const uint16_t* uu = reinterpret_cast<const uint16_t*>(u);
   const int64_t kp = b / 2;
   for (int64_t c0 = 0; c0 < b; c0 += 64) {
@@ -422,10 +447,10 @@ FASTPEFT_ROT_AVX512BF16 void rot_avx512_bf16(const BFloat16* u, int64_t ldu, int
     const __mmask16 last = lane_mask(nc - 16 * (nv - 1));
     const uint16_t* wc = w + 2 * c0;
     switch (nv) {
-      case 1: rot_cols_bf16<1, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last); break;
-      case 2: rot_cols_bf16<2, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last); break;
-      case 3: rot_cols_bf16<3, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last); break;
-      default: rot_cols_bf16<4, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last); break;
+      case 1: rot_cols_bf16<1, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last, stream); break;
+      case 2: rot_cols_bf16<2, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last, stream); break;
+      case 3: rot_cols_bf16<3, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last, stream); break;
+      default: rot_cols_bf16<4, D>(uu, ldu, rows, wc, ldw, kp, dst + c0, ldd, last, stream); break;
     }
   }
 }
@@ -435,9 +460,9 @@ FASTPEFT_ROT_AVX512BF16 void rot_avx512_bf16(const BFloat16* u, int64_t ldu, int
 FASTPEFT_ROT_AVX512 void acc_avx512(const float* u, int64_t ldu, const float* g, int64_t ldg, int64_t rows, int64_t b,
                                     float* acc, int64_t ldacc) {
   if (b % 16 == 0) {
-    gemm_f32<true, false, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc);
+    gemm_f32<true, false, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc, false);
   } else {
-    gemm_f32<true, true, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc);
+    gemm_f32<true, true, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc, false);
   }
 }
 
@@ -536,22 +561,22 @@ FASTPEFT_ROT_AVX512BF16 void acc_avx512_bf16(const BFloat16* u, int64_t ldu, con
 
 template <class D>
 void rot_block(const float* u, int64_t ldu, int64_t rows, const float* w, int64_t ldw, int64_t b, D* dst, int64_t ldd,
-               Isa isa) {
+               Isa isa, bool stream) {
 #ifdef FASTPEFT_ROT_X86
-  if (isa != Isa::kPortable) return rot_avx512<D>(u, ldu, rows, w, ldw, b, dst, ldd);
+  if (isa != Isa::kPortable) return rot_avx512<D>(u, ldu, rows, w, ldw, b, dst, ldd, stream);
 #endif
   rot_portable(u, ldu, rows, w, ldw, b, dst, ldd);
 }
 
 inline void rot_block(const double* u, int64_t ldu, int64_t rows, const double* w, int64_t ldw, int64_t b, double* dst,
-                      int64_t ldd, Isa) {
+                      int64_t ldd, Isa, bool) {
   rot_portable(u, ldu, rows, w, ldw, b, dst, ldd);
 }
 
 inline void rot_block(const BFloat16* u, int64_t ldu, int64_t rows, const uint16_t* w, int64_t ldw, int64_t b,
-                      BFloat16* dst, int64_t ldd, Isa) {
+                      BFloat16* dst, int64_t ldd, Isa, bool stream) {
 #ifdef FASTPEFT_ROT_X86
-  rot_avx512_bf16<BFloat16>(u, ldu, rows, w, ldw, b, dst, ldd);
+  rot_avx512_bf16<BFloat16>(u, ldu, rows, w, ldw, b, dst, ldd, stream);
 #else
   TORCH_INTERNAL_ASSERT(false, "fastpeft: the bf16 pair kernel needs AVX512-BF16");
 #endif
@@ -634,8 +659,11 @@ struct Engine {
   const Pack<P>* bw = nullptr;  // rot^T blocks
 
   template <class D>
-  void rotate(const CT* u, int64_t ldu, int64_t rows, const Pack<P>& pk, int64_t i, D* dst, int64_t ldd) const {
-    for (int64_t k = 0; k < blocks; ++k) rot_block(u + k * b, ldu, rows, pk.at(i, k), pk.ldw, b, dst + k * b, ldd, isa);
+  // final: dst is the op's output (y or grad_x), streamed out (see store16).
+  void rotate(const CT* u, int64_t ldu, int64_t rows, const Pack<P>& pk, int64_t i, D* dst, int64_t ldd,
+              bool final = false) const {
+    for (int64_t k = 0; k < blocks; ++k)
+      rot_block(u + k * b, ldu, rows, pk.at(i, k), pk.ldw, b, dst + k * b, ldd, isa, final);
   }
 
   // acc_i [n, b, ldw] += U^T G per block (all slices into block 0 when shared).
@@ -661,7 +689,7 @@ struct Engine {
     for (int64_t i = 0; i < m; ++i) {
       const bool last = i == m - 1;
       if (last && g[m].identity) {
-        rotate(cur, ldc, rows, *fw, i, y, ldy);
+        rotate(cur, ldc, rows, *fw, i, y, ldy, true);
         return;
       }
       CT* out = cur == bufs[0] ? bufs[1] : bufs[0];
@@ -722,7 +750,7 @@ struct Engine {
       if (acc != nullptr) accumulate(U[i], ldu[i], gv, ldv, rows, acc + i * n * b * ldw, ldw);
       if (i == 0 && gx == nullptr) return;
       if (i == 0 && h[0].identity) {
-        rotate(gv, ldv, rows, *bw, 0, gx, ldgx);
+        rotate(gv, ldv, rows, *bw, 0, gx, ldgx, true);
         return;
       }
       CT* out = gv == G[0] ? G[1] : G[0];
@@ -763,6 +791,13 @@ CT* tile_buffer(int64_t elems, std::vector<CT>& local) {
   return cached.data();
 }
 
+// Orders the thread's non-temporal stores (store16's stream) before the caller reads its output.
+inline void stream_fence() {
+#ifdef FASTPEFT_ROT_X86
+  _mm_sfence();
+#endif
+}
+
 // Calls f(chunk, r0, r1) for `chunks` contiguous ranges of whole tiles, on the intra-op threads.
 template <class F>
 int64_t for_tile_chunks(int64_t N, int64_t tile, F&& f, bool run) {
@@ -795,6 +830,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& rot, const ChainMaps& 
     CT* buf = tile_buffer<CT>(e.buffer_elems(), local);
     for (int64_t t = r0; t < r1; t += e.tile)
       e.forward_tile(xp + t * ldx, ldx, yp + t * ldy, ldy, std::min(e.tile, r1 - t), buf);
+    stream_fence();
   }, true);
 }
 
@@ -826,6 +862,7 @@ void backward_typed(const at::Tensor& gy, const at::Tensor& x, const at::Tensor&
     for (int64_t t = r0; t < r1; t += e.tile)
       e.backward_tile(gyp + t * ldg, ldg, xp + t * ldx, ldx, need_gx ? gxp + t * ldgx : nullptr, ldgx,
                       std::min(e.tile, r1 - t), buf, acc, ldw);
+    stream_fence();
   }, true);
   if (!need_rot) return;
   // Chunk partial sums added in chunk order; the padding columns dropped.
