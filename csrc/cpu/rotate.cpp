@@ -99,7 +99,7 @@ IndexMap make_map(const std::vector<int64_t>& g) {
     q = e;
   }
   map.index = g;
-  map.by_runs = static_cast<int64_t>(map.runs.size()) * 8 <= d;  // runs of 8+ on average
+  map.by_runs = static_cast<int64_t>(map.runs.size()) * 4 <= d;  // runs of 4+ on average
   return map;
 }
 
@@ -183,10 +183,18 @@ void gather_rows(const S* src, int64_t lds, const IndexMap& map, D* dst, int64_t
       const S* __restrict__ sr = s + run.src;
       D* __restrict__ orr = o + run.dst;
       if constexpr (std::is_same_v<S, D>) {
-        if (run.len >= 64) {
-          std::memcpy(orr, sr, static_cast<size_t>(run.len) * sizeof(D));
-        } else {
-          for (int64_t e = 0; e < run.len; ++e) orr[e] = sr[e];
+        // Fixed sizes become single vector moves (peft's runs are b / 2 long).
+        switch (run.len) {
+          case 4: std::memcpy(orr, sr, 4 * sizeof(D)); break;
+          case 8: std::memcpy(orr, sr, 8 * sizeof(D)); break;
+          case 16: std::memcpy(orr, sr, 16 * sizeof(D)); break;
+          case 32: std::memcpy(orr, sr, 32 * sizeof(D)); break;
+          default:
+            if (run.len >= 64) {
+              std::memcpy(orr, sr, static_cast<size_t>(run.len) * sizeof(D));
+            } else {
+              for (int64_t e = 0; e < run.len; ++e) orr[e] = sr[e];
+            }
         }
       } else {
         for (int64_t e = 0; e < run.len; ++e) st(orr[e], ld(sr[e]));
@@ -461,9 +469,24 @@ FASTPEFT_ROT_AVX512 void acc_avx512(const float* u, int64_t ldu, const float* g,
                                     float* acc, int64_t ldacc) {
   if (b % 16 == 0) {
     gemm_f32<true, false, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc, false);
-  } else {
-    gemm_f32<true, true, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc, false);
+    return;
   }
+  // b % 16 != 0: the block's g columns copied to a zero-padded slab when small (whole-vector loads,
+  // see mk_f32's kMaskW), else read masked.
+  const int64_t ldp = round_up(b, 16);
+  if (rows * ldp > 16384) {
+    gemm_f32<true, true, float>(u, 1, ldu, b, g, ldg, rows, b, acc, ldacc, false);
+    return;
+  }
+  thread_local std::vector<float> padded;
+  if (static_cast<int64_t>(padded.size()) < rows * ldp) padded.resize(static_cast<size_t>(rows * ldp));
+  float* gp = padded.data();
+  const __mmask16 tail = lane_mask(b % 16);
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t c = 0; c + 16 <= b; c += 16) _mm512_storeu_ps(gp + t * ldp + c, _mm512_loadu_ps(g + t * ldg + c));
+    _mm512_storeu_ps(gp + t * ldp + b / 16 * 16, _mm512_maskz_loadu_ps(tail, g + t * ldg + b / 16 * 16));
+  }
+  gemm_f32<true, false, float>(u, 1, ldu, b, gp, ldp, rows, b, acc, ldacc, false);
 }
 
 // Row pairs interleaved for the bf16 dot products: out[(tt ldp + c) 2 + e] = src[(2 tt + e) lds + c],
