@@ -133,4 +133,27 @@ TORCH_LIBRARY(fastpeft, m) {
   // dL/dskew from grad_r = dL/dR; r is cayley's output (the exact form's backward rebuilds
   // (I + S)^-1 = (R + I) / 2 from it when it holds op-math values, else from skew).
   m.def("cayley_backward(Tensor grad_r, Tensor skew, Tensor r, int num_neumann_terms=0) -> Tensor");
+
+  // ---- rotation family (OFT, BOFT) ---------------------------------------------------------
+  // y = x @ blockdiag(rot): x [..., d], rot [n, b, b] with n * b == d, or n == 1 (one block shared by
+  // all d / b slices); y[..., k b + c] = sum_j x[..., k b + j] rot[k, j, c]. The dense [d, d] matrix
+  // is never built; sums are op-math (fp32; fp64 for fp64), rounded once.
+  m.def("block_diag_rotate(Tensor x, Tensor rot) -> Tensor");
+  // Returns (grad_x, grad_rot); grad_rot sums over tokens (and over the slices of a shared block)
+  // in op-math and rounds once. An output not asked for (need_grad_x / need_grad_rot False) is
+  // not computed and comes back as an empty [0] tensor.
+  m.def(
+      "block_diag_rotate_backward(Tensor grad_y, Tensor x, Tensor rot, bool need_grad_x=True, "
+      "bool need_grad_rot=True) -> (Tensor, Tensor)");
+  // y = x @ M_0 @ ... @ M_(m-1), M_i = P_i blockdiag(rot[i]) P_i^T, P_i[j, perm[i, j]] = 1:
+  // x [..., d], rot [m, n, b, b] (n * b == d or n == 1), perm int64 [m, d] (each row a permutation of
+  // 0..d-1, on x's device). The permutations are index maps (consecutive ones composed), never
+  // matrices: O(m d b) work per token. Each factor's output is held in x's dtype, or in fp32 where
+  // the kernel computes from fp32 (fp16; bf16 without the CPU's bf16 dot products, or odd b).
+  m.def("butterfly_rotate(Tensor x, Tensor rot, Tensor perm) -> Tensor");
+  // Returns (grad_x, grad_rot) as block_diag_rotate_backward; saves nothing: the factor inputs are
+  // recomputed from x.
+  m.def(
+      "butterfly_rotate_backward(Tensor grad_y, Tensor x, Tensor rot, Tensor perm, bool need_grad_x=True, "
+      "bool need_grad_rot=True) -> (Tensor, Tensor)");
 }

@@ -15,6 +15,8 @@ OPS = [
     "nf4_linear", "nf4_linear_grad_input", "qlora_forward", "qlora_backward",
     "kron_forward", "kron_backward", "hadamard_delta", "hadamard_delta_backward",
     "hadamard_linear_forward", "hadamard_linear_backward",
+    "cayley", "cayley_backward",
+    "block_diag_rotate", "block_diag_rotate_backward", "butterfly_rotate", "butterfly_rotate_backward",
 ]
 
 

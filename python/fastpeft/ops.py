@@ -13,6 +13,7 @@ makes runs reproducible and activation checkpointing recomputes the same mask.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,8 @@ __all__ = [
     "hadamard_delta",
     "hadamard_linear",
     "cayley",
+    "block_diag_rotate",
+    "butterfly_rotate",
 ]
 
 _ops = torch.ops.fastpeft
@@ -1202,7 +1205,196 @@ def cayley(skew: Tensor, num_neumann_terms: int = 0) -> Tensor:
     return _ops.cayley(skew, num_neumann_terms)
 
 
-# TEMP: pure-PyTorch stand-ins so the OFT/BOFT tuners can be written while the kernels are; each line is
-# replaced by the compiled op's wrapper when its kernel lands.
-block_diag_rotate = _ref.block_diag_rotate  # TEMP block_diag_rotate
-butterfly_rotate = _ref.butterfly_rotate  # TEMP butterfly_rotate
+# block_diag_rotate / butterfly_rotate (csrc/common/rotate_impl.h): x @ blockdiag(rot) and the butterfly
+# x @ M_0 @ ... @ M_(m-1) with the permutations as index maps; backward saves only x and recomputes the
+# factor inputs.
+
+
+def _check_rotate(x, rot, rot_dim: int) -> None:
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is the feature dim d)")
+    _check_tensor(rot, "rot", rot_dim)
+    _check_same(rot, x, "rot", "x")
+    layout = "[n, b, b]" if rot_dim == 3 else "[m, n, b, b]"
+    if rot_dim == 4 and rot.shape[0] < 1:
+        raise ValueError(f"'rot' must hold at least one butterfly factor, got shape {tuple(rot.shape)}")
+    n, b, b2 = rot.shape[-3:]
+    if b != b2:
+        raise ValueError(f"the blocks of 'rot' must be square, got shape {tuple(rot.shape)} ({layout})")
+    if n < 1:
+        raise ValueError(f"'rot' must hold at least one block, got shape {tuple(rot.shape)} ({layout})")
+    d = x.shape[-1]
+    if b == 0:
+        if d != 0:
+            raise ValueError(f"'rot' has 0x0 blocks but 'x' has {d} features")
+    elif n == 1:
+        if d % b != 0:
+            raise ValueError(
+                f"'x' has {d} features, not a multiple of the block size {b} of the shared block in 'rot' "
+                f"(shape {tuple(rot.shape)})"
+            )
+    elif n * b != d:
+        raise ValueError(
+            f"'rot' has {n} blocks of size {b} (shape {tuple(rot.shape)}, {layout}) but 'x' has {d} features: "
+            "n * b must equal d (or n == 1, one block shared by all d / b slices)"
+        )
+
+
+def _check_perm_shape(perm, x: Tensor, rot: Tensor) -> None:
+    if not isinstance(perm, Tensor):
+        raise TypeError(f"'perm' must be a torch.Tensor, got {type(perm).__name__}")
+    if perm.dtype != torch.int64:
+        raise TypeError(f"'perm' must be int64, got {perm.dtype}")
+    if perm.device != x.device:
+        raise ValueError(f"'perm' is on {perm.device} but 'x' is on {x.device}; move them to one device")
+    m, d = rot.shape[0], x.shape[-1]
+    if perm.dim() != 2 or tuple(perm.shape) != (m, d):
+        raise ValueError(
+            f"'perm' must be [m, d] = [{m}, {d}] (one permutation of the d features per factor of 'rot'), "
+            f"got shape {tuple(perm.shape)}"
+        )
+
+
+# perm tensors already checked to hold permutations: id -> (weak reference, the version it had then). A
+# BOFT layer's permutation buffer is checked once (one sort and one device sync), not on every forward.
+# (Keyed by id: a WeakKeyDictionary would compare tensors with ==.)
+_CHECKED_PERMS: "dict[int, tuple[weakref.ref, int]]" = {}
+
+
+def _perm_checked(perm: Tensor) -> bool:
+    entry = _CHECKED_PERMS.get(id(perm))
+    return entry is not None and entry[0]() is perm and entry[1] == perm._version
+
+
+def _check_perm_values(perm: Tensor) -> None:
+    if perm.device.type == "meta" or isinstance(perm, torch._subclasses.FakeTensor) or perm.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        return  # traced: the CPU kernel checks the values itself; an eager call checks them on CUDA
+    if _perm_checked(perm):
+        return
+    d = perm.shape[1]
+    expected = torch.arange(d, device=perm.device, dtype=perm.dtype).expand_as(perm)
+    bad = (torch.sort(perm, dim=1).values != expected).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"'perm' row {row} is not a permutation of 0..{d - 1}")
+    key = id(perm)
+    try:
+        ref = weakref.ref(perm, lambda _r, key=key: _CHECKED_PERMS.pop(key, None))
+    except TypeError:  # a tensor type that cannot be weakly referenced: checked on every call
+        return
+    _CHECKED_PERMS[key] = (ref, perm._version)
+
+
+@torch.library.register_fake("fastpeft::block_diag_rotate")
+def _block_diag_rotate_fake(x, rot):
+    _check_rotate(x, rot, 3)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastpeft::block_diag_rotate_backward")
+def _block_diag_rotate_backward_fake(grad_y, x, rot, need_grad_x=True, need_grad_rot=True):
+    _check_rotate(x, rot, 3)
+    _check_same(grad_y, x, "grad_y", "x")
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    gr = rot.new_empty(rot.shape) if need_grad_rot else x.new_empty((0,))
+    return gx, gr
+
+
+@torch.library.register_fake("fastpeft::butterfly_rotate")
+def _butterfly_rotate_fake(x, rot, perm):
+    _check_rotate(x, rot, 4)
+    _check_perm_shape(perm, x, rot)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastpeft::butterfly_rotate_backward")
+def _butterfly_rotate_backward_fake(grad_y, x, rot, perm, need_grad_x=True, need_grad_rot=True):
+    _check_rotate(x, rot, 4)
+    _check_perm_shape(perm, x, rot)
+    _check_same(grad_y, x, "grad_y", "x")
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    gr = rot.new_empty(rot.shape) if need_grad_rot else x.new_empty((0,))
+    return gx, gr
+
+
+def _block_diag_rotate_setup(ctx, inputs, output):
+    x, rot = inputs
+    ctx.save_for_backward(x, rot)
+
+
+def _block_diag_rotate_bwd(ctx, grad_y):
+    need_x, need_rot = ctx.needs_input_grad[:2]
+    if grad_y is None or not (need_x or need_rot):
+        return None, None
+    x, rot = ctx.saved_tensors
+    gx, gr = _ops.block_diag_rotate_backward(grad_y, x, rot, need_x, need_rot)
+    return (gx if need_x else None), (gr if need_rot else None)
+
+
+torch.library.register_autograd(
+    "fastpeft::block_diag_rotate", _block_diag_rotate_bwd, setup_context=_block_diag_rotate_setup
+)
+
+
+def _butterfly_rotate_setup(ctx, inputs, output):
+    x, rot, perm = inputs
+    ctx.save_for_backward(x, rot, perm)  # the factor inputs are recomputed, never saved
+
+
+def _butterfly_rotate_bwd(ctx, grad_y):
+    need_x, need_rot = ctx.needs_input_grad[:2]
+    if grad_y is None or not (need_x or need_rot):
+        return None, None, None
+    x, rot, perm = ctx.saved_tensors
+    gx, gr = _ops.butterfly_rotate_backward(grad_y, x, rot, perm, need_x, need_rot)
+    return (gx if need_x else None), (gr if need_rot else None), None
+
+
+torch.library.register_autograd(
+    "fastpeft::butterfly_rotate", _butterfly_rotate_bwd, setup_context=_butterfly_rotate_setup
+)
+
+
+def block_diag_rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """OFT's rotation ``x @ blockdiag(rot)`` without building the dense ``[d, d]`` matrix.
+
+    Args:
+        x: ``[..., d]`` input (any leading dims, zero rows allowed, any strides).
+        rot: ``[n, b, b]`` blocks with ``n * b == d`` (block k rotates features ``k b .. k b + b - 1``),
+            or ``[1, b, b]``, one block shared by all ``d / b`` slices; x's dtype and device.
+
+    ``y[..., k b + c] = sum_j x[..., k b + j] rot[k, j, c]``, summed in float32 (float64 for float64)
+    and rounded once. Differentiable w.r.t. x and rot (a shared block's gradient sums over its
+    slices); backward saves only x and rot, and computes only the gradients asked for.
+    """
+    _check_rotate(x, rot, 3)
+    if not _use_kernel(x):
+        return _ref.block_diag_rotate(x, rot)
+    return _ops.block_diag_rotate(x, rot)
+
+
+def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
+    """BOFT's butterfly rotation ``x @ M_0 @ M_1 @ ... @ M_(m-1)``, ``M_i = P_i blockdiag(rot[i]) P_i^T``.
+
+    Args:
+        x: ``[..., d]`` input (any leading dims, zero rows allowed, any strides).
+        rot: ``[m, n, b, b]``: factor i's blocks (``n * b == d``, or ``n == 1`` shared); x's dtype and device.
+        perm: int64 ``[m, d]`` on x's device, each row a permutation of ``0 .. d-1``;
+            ``P_i[j, perm[i, j]] = 1``.
+
+    The permutations are applied as index maps (consecutive ones composed into one gather), never as
+    matrices: ``u[..., perm[i, j]] = z[..., j]``, ``v = block_diag_rotate(u, rot[i])``,
+    ``z'[..., j] = v[..., perm[i, j]]``; O(m d b) work per token. Sums are float32 (float64 for
+    float64). Differentiable w.r.t. x and rot; backward saves only x, rot and perm and recomputes
+    the intermediate factor outputs. Each perm tensor is checked (one sort) the first time it is
+    seen and again only after it changes.
+    """
+    _check_rotate(x, rot, 4)
+    _check_perm_shape(perm, x, rot)
+    _check_perm_values(perm)
+    if not _use_kernel(x):
+        return _ref.butterfly_rotate(x, rot, perm)
+    return _ops.butterfly_rotate(x, rot, perm)
