@@ -76,14 +76,19 @@ def lycoris_ops_source() -> str:
         return f"unavailable ({type(exc).__name__}: {exc})"
 
 
-def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device, methods=None):
+def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device, methods=None,
+               adapters_fp32: bool = False):
     """(peft model, fastpeft model or None, notes): both libraries' get_peft_model on copies of `model`,
     peft's random adapter weights copied into fastpeft's. `methods` maps method -> (config class name,
-    kwargs); default: this suite's METHODS."""
+    kwargs); default: this suite's METHODS. The models end up in `dtype`, adapters included; with
+    `adapters_fp32` the base model is cast first and get_peft_model keeps the adapters in float32
+    (both libraries' default, autocast_adapter_dtype=True)."""
     import peft
 
     name, kwargs = (methods or METHODS)[method]
     notes: List[str] = []
+    if adapters_fp32:
+        model = copy.deepcopy(model).to(dtype)
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(model), getattr(peft, name)(target_modules=list(targets), **kwargs))
     fm = None
@@ -98,9 +103,10 @@ def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device,
     except Exception as exc:  # noqa: BLE001 - a missing tuner is a reported problem, not a crash
         notes.append(f"fastpeft {method} unavailable: {type(exc).__name__}: {exc}")
         fm = None
-    pm.to(device=device, dtype=dtype).train()
+    cast = dict(device=device) if adapters_fp32 else dict(device=device, dtype=dtype)
+    pm.to(**cast).train()
     if fm is not None:
-        fm.to(device=device, dtype=dtype).train()
+        fm.to(**cast).train()
     return pm, fm, notes
 
 

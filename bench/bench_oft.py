@@ -68,10 +68,18 @@ def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
     model = OneLinear(d, d)
     base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
     W, b = base.weight, base.bias
-    for label in METHODS:
-        compare_pair(ctx, res, table, dtype=dtype, case=label, label=label,
+    half = dtype in (torch.bfloat16, torch.float16)
+    # half precision: the default set-up (model in bf16, get_peft_model keeps adapters in float32), and for
+    # OFT also everything in bf16
+    rows = [(label, True) for label in METHODS]
+    if half:
+        rows += [(label, False) for label in METHODS if label.startswith("oft")]
+    for label, adapters_fp32 in rows:
+        shown = label if adapters_fp32 or not half else f"{label}, {dtype_name(dtype)} adapters"
+        compare_pair(ctx, res, table, dtype=dtype, case=shown, label=shown,
                      base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
-                     make_layers=lambda label=label: build_pair(model, label, ["proj"], dtype, dev, methods=METHODS),
+                     make_layers=lambda label=label, a=adapters_fp32: build_pair(
+                         model, label, ["proj"], dtype, dev, methods=METHODS, adapters_fp32=a),
                      x=x, g=g, targets=_targets(label, dtype))
 
 
@@ -90,6 +98,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         "speedup: median per-round peft_ms / fastpeft_ms; ceiling x: peft_ms / base_ms",
         "saved MB: unique storages saved for backward (params excluded, input included); saved x: fastpeft / peft",
         "BOFT with boft_n_butterfly_factor=1: peft cannot run more factors without its CUDA extension",
+        "bf16/fp16 rows: the model in that dtype and the adapters in float32 (get_peft_model's default in both "
+        "libraries); '<dtype> adapters' rows: adapters cast to the model's dtype too",
         "targets are informational (never asserted)",
     ])
     with _peft_boft_without_cuda_extension(ctx.device):

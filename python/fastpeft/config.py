@@ -206,13 +206,13 @@ class PeftConfig:
             self.peft_version = PEFT_FORMAT_VERSION
 
     def _post_init_tuner(self, peft_type: "PeftType") -> None:
-        """The __post_init__ shared by the configs of the layer-injecting methods (LoRA, LoHa, LoKr): None
-        patterns become {}, the field types are checked, `peft_type` is set, target / exclude lists become
-        sets, then the config's own `_validate()` runs."""
-        if self.rank_pattern is None:
-            self.rank_pattern = {}
-        if self.alpha_pattern is None:
-            self.alpha_pattern = {}
+        """The __post_init__ shared by the configs of the layer-injecting methods (LoRA, LoHa, LoKr, OFT,
+        BOFT): None rank / alpha patterns (where the config has them) become {}, the field types are
+        checked, `peft_type` is set, target / exclude lists become sets, then the config's own
+        `_validate()` runs."""
+        for name in ("rank_pattern", "alpha_pattern"):
+            if hasattr(self, name) and getattr(self, name) is None:
+                setattr(self, name, {})
         PeftConfig.__post_init__(self)
         self.peft_type = peft_type
         for name in ("target_modules", "exclude_modules"):

@@ -47,6 +47,25 @@ def _conv1d_class():
     return Conv1D
 
 
+def linear_kind(base: nn.Module, config) -> Optional[str]:
+    """"linear" for an nn.Linear, "conv1d" for transformers' Conv1D, else None; sets
+    `config.fan_in_fan_out` to what the layer's weight layout needs (with peft's warning when it changes):
+    False for nn.Linear ([out, in]), True for Conv1D ([in, out])."""
+    conv1d = _conv1d_class()
+    if isinstance(base, nn.Linear):
+        kind, want = "linear", False
+    elif conv1d is not None and isinstance(base, conv1d):
+        kind, want = "conv1d", True
+    else:
+        return None
+    if bool(config.fan_in_fan_out) != want:
+        layer = "`torch.nn.Linear`" if kind == "linear" else "`Conv1D`"
+        warnings.warn(f"fan_in_fan_out is set to {not want} but the target module is {layer}. "
+                      f"Setting fan_in_fan_out to {want}.")
+        config.fan_in_fan_out = want
+    return kind
+
+
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 

@@ -51,13 +51,7 @@ class BOFTConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
 
     def __post_init__(self):
-        PeftConfig.__post_init__(self)
-        self.peft_type = PeftType.BOFT
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        self._validate()
+        self._post_init_tuner(PeftType.BOFT)
 
     def _validate(self) -> None:
         if self.layers_pattern and self.layers_to_transform is None:

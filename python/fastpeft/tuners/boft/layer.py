@@ -320,6 +320,19 @@ class BOFTLayer(nn.Module, BaseTunerLayer):
 
     # ---- forward ----
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("BOFT does not support mixed-adapter batches (adapter_names=...)")
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+        names = self._active_with_weights()
+        if self.merged or not names:
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+        return self._adapted_forward(x, names)  # each layer kind's: the active adapters applied, in x's dtype
+
     def _active_with_weights(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.boft_R]
 
@@ -386,17 +399,8 @@ class Linear(BOFTLayer):
     def _rows_to_weight(self, rows: torch.Tensor) -> torch.Tensor:
         return transpose(rows, self.fan_in_fan_out)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("BOFT does not support mixed-adapter batches (adapter_names=...)")
+    def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        names = self._active_with_weights()
-        if self.merged or not names:
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         base = self.get_base_layer()
         weight = transpose(base.weight, self.fan_in_fan_out)
         if self.cast_input_dtype_enabled:
@@ -442,17 +446,8 @@ class Conv2d(BOFTLayer):
     def _rows_to_weight(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.reshape(self.get_base_layer().weight.shape)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("BOFT does not support mixed-adapter batches (adapter_names=...)")
+    def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        names = self._active_with_weights()
-        if self.merged or not names:
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         base = self.get_base_layer()
         # peft's dtypes: the rotated weight is scaled by boft_s, so the convolution runs in their promoted dtype
         scale = self._combined_scale(names)

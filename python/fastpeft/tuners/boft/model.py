@@ -1,11 +1,9 @@
 """`BOFTModel`: injects BOFT layers (peft's BOFTModel interface and state-dict keys)."""
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from ..base import BaseTuner, BaseTunerLayer, _conv1d_class
+from ..base import BaseTuner, BaseTunerLayer, linear_kind
 from ..lora.model import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from .layer import BOFTLayer, Conv2d, Linear
 
@@ -40,22 +38,9 @@ class BOFTModel(BaseTuner):
     @staticmethod
     def _create_new_module(boft_config, adapter_name: str, target: nn.Module, **kwargs) -> BOFTLayer:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        conv1d = _conv1d_class()
-        if isinstance(base, nn.Linear):
-            if boft_config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                    "Setting fan_in_fan_out to False."
-                )
-                boft_config.fan_in_fan_out = False
-            return Linear(target, adapter_name, config=boft_config, **kwargs)
-        if conv1d is not None and isinstance(base, conv1d):
-            if not boft_config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
-                )
-                boft_config.fan_in_fan_out = True
-            return Linear(target, adapter_name, config=boft_config, is_target_conv_1d_layer=True, **kwargs)
+        kind = linear_kind(base, boft_config)
+        if kind is not None:
+            return Linear(target, adapter_name, config=boft_config, is_target_conv_1d_layer=kind == "conv1d", **kwargs)
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config=boft_config, **kwargs)
         raise TypeError(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import BaseTunerLayer, _conv1d_class, transpose
+from ..base import BaseTunerLayer, _conv1d_class, linear_kind, transpose
 from .config import PEFT_ONLY_INITS, LoraConfig
 
 _ops_module = None
@@ -657,23 +657,13 @@ def dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, *
         new_module = dispatch_nf4(target, adapter_name, config, **kwargs)
         if new_module is not None:
             return new_module
-    conv1d = _conv1d_class()
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, config=config, **kwargs)
     if isinstance(base, nn.Conv2d):
         return Conv2d(target, adapter_name, config=config, **kwargs)
     if isinstance(base, nn.Conv1d):
         return Conv1d(target, adapter_name, config=config, **kwargs)
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                          "Setting fan_in_fan_out to False.")
-            config.fan_in_fan_out = False
-        return Linear(target, adapter_name, config=config, **kwargs)
-    if conv1d is not None and isinstance(base, conv1d):
-        if not config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
-                          "Setting fan_in_fan_out to True.")
-            config.fan_in_fan_out = True
-        return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+    kind = linear_kind(base, config)
+    if kind is not None:
+        return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=kind == "conv1d", **kwargs)
     return None

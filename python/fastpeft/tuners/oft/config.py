@@ -60,13 +60,7 @@ class OFTConfig(PeftConfig):
     num_cayley_neumann_terms: int = field(default=5, metadata={"help": "Number of Cayley-Neumann terms."})
 
     def __post_init__(self):
-        super().__post_init__()  # field types, task / peft type, peft_version
-        self.peft_type = PeftType.OFT
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        self._validate()
+        self._post_init_tuner(PeftType.OFT)
 
     def _validate(self) -> None:
         if self.layers_pattern and self.layers_to_transform is None:

@@ -1,11 +1,9 @@
 """`OFTModel`: injects OFT layers (peft's OFTModel interface and state-dict keys)."""
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from ..base import BaseTuner, BaseTunerLayer, _conv1d_class
+from ..base import BaseTuner, BaseTunerLayer, linear_kind
 from ..lora.model import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from .config import OFTConfig
 from .layer import Conv2d, Embedding, Linear, OFTLayer
@@ -42,23 +40,10 @@ class OFTModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: OFTConfig, adapter_name: str, target: nn.Module, **kwargs) -> OFTLayer:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        conv1d = _conv1d_class()
-        if isinstance(base, nn.Linear):
-            if config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                    "Setting fan_in_fan_out to False."
-                )
-                config.fan_in_fan_out = False
-            return Linear(target, adapter_name, config=config, r=config.r, fan_in_fan_out=False)
-        if conv1d is not None and isinstance(base, conv1d):
-            if not config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
-                )
-                config.fan_in_fan_out = True
-            return Linear(target, adapter_name, config=config, r=config.r, fan_in_fan_out=True,
-                          is_target_conv_1d_layer=True)
+        kind = linear_kind(base, config)
+        if kind is not None:
+            return Linear(target, adapter_name, config=config, r=config.r, fan_in_fan_out=config.fan_in_fan_out,
+                          is_target_conv_1d_layer=kind == "conv1d")
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config=config, r=config.r)
         if isinstance(base, nn.Embedding):
