@@ -1,108 +1,125 @@
-"""OFT / BOFT rotation op benchmark (CPU): fastpeft.ops.block_diag_rotate / butterfly_rotate against the
-reference formulation (fastpeft.reference: einsum per block, gathers for the permutations) and the base
-layer they sit in front of, forward + backward (grad_x and grad_rot) via torch.autograd.grad.
+"""OFT / BOFT rotation op benchmark: fastpeft.ops.block_diag_rotate / butterfly_rotate against the reference
+formulation (fastpeft.reference: einsum per block, gathers for the permutations) and the base layer they sit
+in front of, forward + backward (grads to x and the blocks) via torch.autograd.grad.
 
-    python -m bench.bench_rotate_ops [--tokens 2048] [--d 1024] [--threads 2] [--min-time 1.0] [--quick]
+    python -m bench.run --only rotate_ops [--quick] [--threads 2]
 
-Rows: OFT b=32 (n=32 blocks, and one shared block), BOFT b in {8, 32} x m in {1, 2, 4} (peft's
-butterfly permutations), fp32 and bf16. "base" is F.linear(x, W) forward + its input gradient
-(2048x1024 @ 1024x1024, frozen W) in the same dtype; "% of base" is the rotation's fwd+bwd time as a
-percentage of it. The three are timed in interleaved rounds (bench.common.time_interleaved); the table
-gives each one's best round and the median over rounds of the paired ratios (both robust to other
-processes on a shared machine). Outputs are checked against the reference once before timing.
+Rows: OFT b=32 (d/32 blocks, and one shared block), BOFT b in {8, 32} x m in {1, 2, 4} (peft's butterfly
+permutations, built by fastpeft.tuners.boft.layer.butterfly_permutation), in every dtype of the run
+(default fp32 and bf16); a BOFT shape whose d/b blocks are not divisible by 2^(m-1) is skipped (noted under
+the table). "base" is F.linear(x, W) forward + its input gradient (tokens x d @ d x d, frozen W) in the same
+dtype; "% of base" is the median over rounds of the fastpeft rotation's fwd+bwd time as a percentage of the
+base's, "speedup" the median over rounds of reference_ms / fastpeft_ms. Default d=1024, 2048 tokens;
+`--quick`: d=256, 256 tokens. The fastpeft output is checked against the reference once before timing.
 """
 from __future__ import annotations
 
-import argparse
+import traceback
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from .common import time_interleaved
+from .common import BenchContext, Ratio, SuiteResult, Table, dtype_name, register, time_interleaved
 
-from fastpeft import ops
-from fastpeft import reference as ref
+COLUMNS = ["dtype", "case", "base ms", "reference ms", "fastpeft ms", "% of base", "speedup", "status"]
 
-
-def peft_perms(d: int, block_num: int, block_size: int, m: int) -> torch.Tensor:
-    """peft BOFT's butterfly permutations (boft/layer.py block_butterfly_perm) for m = n_factor + 1."""
-    perms = []
-    for i in range(m):
-        if m == 1:
-            perms.append(torch.arange(d))
-            continue
-        b_i, r = block_num // (2**i), block_size // 2
-        chunk = d // b_i
-        order = torch.cat([torch.arange(0, chunk // r, 2), torch.arange(1, chunk // r, 2)])
-        sorted_order = torch.cat([torch.arange(int(p) * r, int(p) * r + r) for p in order])
-        idx = torch.arange(d)
-        for s in range(0, d, chunk):
-            idx[s:s + chunk] = idx[s:s + chunk][sorted_order]
-        perms.append(idx)
-    return torch.stack(perms)
+# (label, block size b, butterfly factors m (0: OFT's block_diag_rotate), one shared block)
+CASES = [("OFT b=32", 32, 0, False), ("OFT b=32 shared", 32, 0, True)]
+CASES += [(f"BOFT b={b} m={m}", b, m, False) for b in (8, 32) for m in (1, 2, 4)]
 
 
-def _fwd_bwd(op, x, rot, g, *extra):
-    def run():
-        return torch.autograd.grad(op(x, rot, *extra), (x, rot), g)
-    return run
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--d", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per case")
-    p.add_argument("--min-sample-ms", type=float, default=20.0, help="each timed sample lasts at least this long")
-    p.add_argument("--quick", action="store_true", help="256 tokens, d=256, short timings")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.tokens, args.d, args.repeats, args.min_sample_ms = 256, 256, 3, 2.0
-    torch.set_num_threads(args.threads)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    n_tok, d = args.tokens, args.d
-    cases = [("OFT b=32", 32, 0, False), ("OFT b=32 shared", 32, 0, True)]
-    cases += [(f"BOFT b={b} m={m}", b, m, False) for b in (8, 32) for m in (1, 2, 4)]
-    header = (f"{'dtype':5} {'case':18} {'base ms':>8} {'ours ms':>8} {'ref ms':>8} {'% of base':>9} "
-              f"{'(median)':>8} {'vs ref':>7}")
-    print(f"tokens={n_tok} d={d} threads={args.threads}")
-    print(header)
-    print("-" * len(header))
-    for name in args.dtypes.split(","):
-        dtype = dtypes[name.strip()]
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(n_tok, d, generator=gen).to(dtype).requires_grad_(True)
-        g = torch.randn(n_tok, d, generator=gen).to(dtype)
-        w = (torch.randn(d, d, generator=gen) * d**-0.5).to(dtype)
+def _perms(d: int, b: int, m: int) -> torch.Tensor:
+    """peft's butterfly index maps [m, d] for blocks of size b, factor order (as fastpeft's BOFT layers build them)."""
+    from fastpeft.tuners.boft.layer import butterfly_permutation
+
+    return torch.stack([butterfly_permutation(d, b, i) for i in range(m)])
+
+
+def _fwd_bwd(op, x: torch.Tensor, rot: torch.Tensor, g: torch.Tensor, *extra) -> Callable[[], None]:
+    def step():
+        torch.autograd.grad(op(x, rot, *extra), (x, rot), g)
+
+    return step
+
+
+@register("rotate_ops")
+def run(ctx: BenchContext) -> SuiteResult:
+    from fastpeft import ops
+    from fastpeft import reference as ref
+
+    res = SuiteResult("rotate_ops", ctx.device)
+    o = ctx.options
+    d = o.get("d", 256 if ctx.quick else 1024)
+    tokens = o.get("tokens", 256 if ctx.quick else 2048)
+    res.meta.update(d=d, tokens=tokens, dtypes=[dtype_name(t) for t in ctx.dtypes],
+                    warmup=ctx.warmup, repeats=ctx.repeats, min_sample_ms=ctx.min_sample_ms)
+    table = Table(
+        f"OFT/BOFT rotation ops fwd+bwd: fastpeft.ops vs fastpeft.reference and the base F.linear, d={d}, "
+        f"tokens={tokens}, {ctx.device}",
+        COLUMNS,
+        notes=["ms: median per fwd+bwd (grads to x and the blocks; base: F.linear(x, W) fwd + grad to x, W frozen)",
+               "% of base: median per-round fastpeft_ms / base_ms; "
+               "speedup: median per-round reference_ms / fastpeft_ms",
+               "status: 'ok' when the fastpeft output matched the reference (rel err <= 1e-4 fp32, 2e-2 bf16/fp16)"],
+    )
+    skipped: List[str] = []
+    for dtype in ctx.dtypes:
+        dt = dtype_name(dtype)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(tokens, d, generator=gen).to(dtype).to(ctx.device).requires_grad_(True)
+        g = torch.randn(tokens, d, generator=gen).to(dtype).to(ctx.device)
+        w = (torch.randn(d, d, generator=gen) * d**-0.5).to(dtype).to(ctx.device)
 
         def base():
-            return torch.autograd.grad(F.linear(x, w), x, g)
+            torch.autograd.grad(F.linear(x, w), x, g)
 
-        for label, b, m, shared in cases:
-            if d % b:
+        for label, b, m, shared in CASES:
+            if d % b or (m > 1 and (d // b) % (2 ** (m - 1))):
+                if dtype == ctx.dtypes[0]:
+                    skipped.append(label)
                 continue
-            n = 1 if shared else d // b
-            if m == 0:
-                rot = (torch.randn(n, b, b, generator=gen) * b**-0.5).to(dtype).requires_grad_(True)
-                ours_fn, ref_fn, extra = ops.block_diag_rotate, ref.block_diag_rotate, ()
-            else:
-                if m > 1 and (d // b) % (2 ** (m - 1)):
-                    continue
-                rot = (torch.randn(m, n, b, b, generator=gen) * b**-0.5).to(dtype).requires_grad_(True)
-                ours_fn, ref_fn, extra = ops.butterfly_rotate, ref.butterfly_rotate, (peft_perms(d, n, b, m),)
-            with torch.no_grad():
-                y, y_ref = ours_fn(x, rot, *extra).float(), ref_fn(x, rot, *extra).float()
-                err = ((y - y_ref).norm() / y_ref.norm()).item()
-            assert err < (2e-2 if dtype != torch.float32 else 1e-4), (label, err)
-            t = time_interleaved({"base": base, "ours": _fwd_bwd(ours_fn, x, rot, g, *extra),
-                                  "ref": _fwd_bwd(ref_fn, x, rot, g, *extra)},
-                                 repeats=args.repeats, min_sample_ms=args.min_sample_ms)
-            tb, to, tr = t.minimum("base"), t.minimum("ours"), t.minimum("ref")
-            print(f"{name:5} {label:18} {tb:8.2f} {to:8.2f} {tr:8.2f} {100 * to / tb:8.1f}% "
-                  f"{100 / t.ratio('base', 'ours'):7.1f}% {tr / to:6.1f}x", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+            try:
+                n = 1 if shared else d // b
+                if m == 0:
+                    rot = torch.randn(n, b, b, generator=gen) * b**-0.5
+                    fast_fn, ref_fn, extra = ops.block_diag_rotate, ref.block_diag_rotate, ()
+                else:
+                    rot = torch.randn(m, n, b, b, generator=gen) * b**-0.5
+                    fast_fn, ref_fn = ops.butterfly_rotate, ref.butterfly_rotate
+                    extra = (_perms(d, b, m).to(ctx.device),)
+                rot = rot.to(dtype).to(ctx.device).requires_grad_(True)
+                with torch.no_grad():
+                    err = _rel_err(fast_fn(x, rot, *extra), ref_fn(x, rot, *extra))
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                status = "ok" if err <= tol else f"MISMATCH {err:.1e}"
+                if status != "ok":
+                    res.errors.append(f"{dt} {label}: fastpeft vs reference rel err {err:.2e}")
+                steps: Dict[str, Callable[[], None]] = {
+                    "base": base,
+                    "reference": _fwd_bwd(ref_fn, x, rot, g, *extra),
+                    "fastpeft": _fwd_bwd(fast_fn, x, rot, g, *extra),
+                }
+                ctx.log(f"{dt} {label}: timing base, reference, fastpeft")
+                t = time_interleaved(steps, ctx.device, ctx.warmup, ctx.repeats, ctx.min_sample_ms)
+                pct = 100.0 * t.ratio("fastpeft", "base")
+                speed = t.ratio("reference", "fastpeft")
+                row = table.add(dtype=dt, case=label, **{"base ms": t.median("base"),
+                                "reference ms": t.median("reference"), "fastpeft ms": t.median("fastpeft"),
+                                "% of base": pct}, speedup=speed, status=status)
+                row["timing"] = t.summary()
+                res.ratios.append(Ratio(f"{dt} {label}: fastpeft vs reference", speed))
+                res.ratios.append(Ratio(f"{dt} {label}: % of base", pct, kind="overhead"))
+            except Exception as exc:  # noqa: BLE001
+                res.errors.append(f"{dt} {label}: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+    if skipped:
+        table.notes.append(f"skipped at d={d} (d/b blocks not divisible by 2^(m-1)): {', '.join(skipped)}")
+    res.meta["skipped"] = skipped
+    res.tables.append(table)
+    return res

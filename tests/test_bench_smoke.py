@@ -182,3 +182,25 @@ def test_oft_suite_quick_tiny(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
     speedups = {r.label for r in res.ratios if r.kind == "speedup" and r.value}
     assert {f"fp32 {c}: fastpeft vs peft" for c in cases} <= speedups
+
+
+def test_rotate_ops_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32, torch.bfloat16], quick=True, warmup=1, repeats=2, min_sample_ms=0.5,
+        verbose=False, options={"d": 64, "tokens": 16},
+    )
+    run.load_suites()
+    assert "rotate_ops" in common.SUITES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threading only adds OpenMP stalls on a busy shared CPU
+    try:
+        res = run.run_suite("rotate_ops", ctx, str(tmp_path), plot=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "rotate_ops-cpu.json").read_text())["tables"][0]["rows"]
+    # d=64: every case but BOFT b=32 m=4 (2 blocks of 32 cannot take 3 butterfly levels), per dtype
+    cases = {"OFT b=32", "OFT b=32 shared"} | {f"BOFT b={b} m={m}" for b in (8, 32) for m in (1, 2, 4)}
+    cases.discard("BOFT b=32 m=4")
+    assert {(r["dtype"], r["case"]) for r in rows} == {(dt, c) for dt in ("fp32", "bf16") for c in cases}
+    assert all(r["status"] == "ok" and r["fastpeft ms"] > 0 and r["% of base"] > 0 and r["speedup"] > 0 for r in rows)
