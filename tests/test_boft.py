@@ -776,3 +776,32 @@ def test_factor_above_one_is_kept_where_peft_without_its_extension_drops_it(monk
     ours = BOFTModel(Net(), BOFTConfig(**kw))
     assert theirs.model.lin.boft_R["default"].shape[0] == 1
     assert ours.model.lin.boft_R["default"].shape[0] == 3
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+@pytest.mark.parametrize("bias", ["none", "boft_only"])
+def test_linear_with_more_rows_than_outputs_rotates_the_weight_and_matches_peft(blocks, bias, monkeypatch):
+    """More rows than output features: the butterfly is applied to W's rows once (W M^T) instead of to every
+    row; outputs and gradients (input, boft_R, boft_s, a trainable bias) stay peft's, for every factor count."""
+    rotated = []
+    real = fastpeft.ops.butterfly_rotate
+    monkeypatch.setattr(fastpeft.ops, "butterfly_rotate",
+                        lambda x, *a: rotated.append(tuple(x.shape)) or real(x, *a))
+    kw = {"target_modules": ["lin"], "init_weights": False, "bias": bias, **BLOCKS[blocks]}
+    theirs, ours = pair(kw, base=Wide())
+    x = torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(5))  # 40 rows > 6 outputs
+    close(theirs(x), ours(x), tol=1e-5)
+    assert rotated == [(6, 16)]  # W's rows, not x's
+    g_theirs, g_ours = grads(theirs, x), grads(ours, x)
+    assert set(g_theirs) == set(g_ours)
+    for name in g_theirs:
+        close(g_theirs[name], g_ours[name], tol=1e-5)

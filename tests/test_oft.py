@@ -814,3 +814,49 @@ def test_half_input_is_saved_in_its_own_dtype(dtype):
     assert token_sized and all(t.dtype == dtype for t in token_sized), [(t.shape, t.dtype) for t in token_sized]
     y.float().square().sum().backward()
     assert model.base_model.model[0].oft_R["default"].weight.grad.dtype == torch.float32
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "r2" not in v])
+@pytest.mark.parametrize("bias", ["none", "oft_only"])
+def test_linear_with_more_rows_than_outputs_rotates_the_weight_and_matches_peft(variant, bias, monkeypatch):
+    """More rows than output features: the layer folds R into W (one small product) instead of rotating
+    every row; outputs and gradients (input, oft_R, and the bias when trainable) stay peft's."""
+    used = []
+    real = oft_layer._RotatedWeightLinear.apply
+    monkeypatch.setattr(oft_layer._RotatedWeightLinear, "apply", lambda *a: used.append(1) or real(*a))
+    kwargs = {"target_modules": ["lin"], "init_weights": False, "bias": bias, **VARIANTS[variant]}
+    theirs, ours = pair(kwargs, base=Wide())
+    x = torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(5))  # 40 rows > 6 outputs
+    close(theirs(x), ours(x), tol=1e-5)
+    assert used
+    g_theirs, g_ours = _grads(theirs, x), _grads(ours, x)
+    assert set(g_theirs) == set(g_ours)
+    for name in g_theirs:
+        close(g_theirs[name], g_ours[name], tol=1e-5)
+    if bias == "oft_only":
+        assert g_ours["model.lin.base_layer.bias"].abs().sum() > 0
+
+
+def test_conv1d_rotated_weight_path_equals_rotated_input_path():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = OFTModel(nn.Sequential(Conv1D(6, 16)), OFTConfig(target_modules=["0"], oft_block_size=4,
+                                                             init_weights=False))
+    layer = model.model[0]
+    x = torch.randn(30, 16, requires_grad=True)
+    y_fold = layer(x)
+    y_plain = oft_layer.OFTLayer._adapted_forward(layer, x)
+    close(y_plain, y_fold, tol=1e-5)
+    (gx_fold,) = torch.autograd.grad(y_fold.square().sum(), x)
+    (gx_plain,) = torch.autograd.grad(y_plain.square().sum(), x)
+    close(gx_plain, gx_fold, tol=1e-5)

@@ -399,3 +399,30 @@ def test_cuda_rotate_opcheck_gradcheck():
     assert torch.autograd.gradcheck(ops.block_diag_rotate, (x, rot[0]))
     torch.library.opcheck(fp.butterfly_rotate.default, (x.float(), rot.float(), perm))
     torch.library.opcheck(fp.block_diag_rotate.default, (x.float(), rot[0].float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True), (False, False)])
+def test_grads_wrappers_equal_autograd_of_the_reference(dtype, need):
+    """ops.block_diag_rotate_grads / butterfly_rotate_grads (the backward kernels, for layers that rotate
+    some other way in forward) vs torch.autograd through the reference, only the gradients asked for."""
+    gen = torch.Generator().manual_seed(7)
+    d, b, m = 24, 4, 2
+    x = torch.randn(3, 5, d, generator=gen, dtype=torch.float64)
+    gy = torch.randn(3, 5, d, generator=gen, dtype=torch.float64)
+    rot = torch.randn(d // b, b, b, generator=gen, dtype=torch.float64)
+    rot4 = torch.randn(m, d // b, b, b, generator=gen, dtype=torch.float64)
+    perm = torch.stack([torch.randperm(d, generator=gen) for _ in range(m)])
+    cases = [(ops.block_diag_rotate_grads, ref.block_diag_rotate, rot, ()),
+             (ops.butterfly_rotate_grads, ref.butterfly_rotate, rot4, (perm,))]
+    for grads_fn, ref_fn, r, extra in cases:
+        got = grads_fn(gy.to(dtype), x.to(dtype), r.to(dtype), *extra, *need)
+        xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        want = torch.autograd.grad(ref_fn(xr, rr, *extra), [xr, rr], gy)
+        for g, w, asked in zip(got, want, need):
+            if not asked:
+                assert g is None
+            else:
+                assert g.dtype == dtype and g.shape == w.shape
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(g.double(), w, atol=tol * max(1.0, w.abs().max().item()), rtol=tol)

@@ -39,7 +39,9 @@ __all__ = [
     "hadamard_linear",
     "cayley",
     "block_diag_rotate",
+    "block_diag_rotate_grads",
     "butterfly_rotate",
+    "butterfly_rotate_grads",
 ]
 
 _ops = torch.ops.fastpeft
@@ -1398,3 +1400,49 @@ def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
     if not _use_kernel(x):
         return _ref.butterfly_rotate(x, rot, perm)
     return _ops.butterfly_rotate(x, rot, perm)
+
+
+def _reference_rotate_grads(fn, grad_y, x, rot, extra, need_grad_x, need_grad_rot):
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(need_grad_x)
+        rd = rot.detach().requires_grad_(need_grad_rot)
+        wrt = [t for t in (xd, rd) if t.requires_grad]
+        grads = iter(torch.autograd.grad(fn(xd, rd, *extra), wrt, grad_y)) if wrt else iter(())
+    return (next(grads) if need_grad_x else None), (next(grads) if need_grad_rot else None)
+
+
+def block_diag_rotate_grads(
+    grad_y: Tensor, x: Tensor, rot: Tensor, need_grad_x: bool = True, need_grad_rot: bool = True
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients ``(grad_x, grad_rot)`` of :func:`block_diag_rotate` for an upstream ``grad_y`` (x's
+    shape), each ``None`` when not asked for; one kernel call, nothing recomputed. For layers that
+    apply the rotation some other way in forward (e.g. folded into a weight) and need its backward."""
+    _check_rotate(x, rot, 3)
+    _check_same(grad_y, x, "grad_y", "x")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
+    if not (need_grad_x or need_grad_rot):
+        return None, None
+    if not _use_kernel(x):
+        return _reference_rotate_grads(_ref.block_diag_rotate, grad_y, x, rot, (), need_grad_x, need_grad_rot)
+    gx, gr = _ops.block_diag_rotate_backward(grad_y, x, rot, need_grad_x, need_grad_rot)
+    return (gx if need_grad_x else None), (gr if need_grad_rot else None)
+
+
+def butterfly_rotate_grads(
+    grad_y: Tensor, x: Tensor, rot: Tensor, perm: Tensor, need_grad_x: bool = True, need_grad_rot: bool = True
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients ``(grad_x, grad_rot)`` of :func:`butterfly_rotate` for an upstream ``grad_y``, as
+    :func:`block_diag_rotate_grads` (the factors' inputs are recomputed from x inside the kernel)."""
+    _check_rotate(x, rot, 4)
+    _check_perm_shape(perm, x, rot)
+    _check_perm_values(perm)
+    _check_same(grad_y, x, "grad_y", "x")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
+    if not (need_grad_x or need_grad_rot):
+        return None, None
+    if not _use_kernel(x):
+        return _reference_rotate_grads(_ref.butterfly_rotate, grad_y, x, rot, (perm,), need_grad_x, need_grad_rot)
+    gx, gr = _ops.butterfly_rotate_backward(grad_y, x, rot, perm, need_grad_x, need_grad_rot)
+    return (gx if need_grad_x else None), (gr if need_grad_rot else None)

@@ -79,13 +79,18 @@ class _RotatedLinear(torch.autograd.Function):
     """``y = (x @ M) W^T * scale + bias`` with M the butterfly factors (`_rotate`).
 
     Saves x and ``lin = (x M) W^T`` only (peft keeps x, its pre-scale output and its dense [d, d] rotation
-    products): the rotation is cheap (O(d b) per token), so backward recomputes x M (needed for the rotation's
-    own backward, and for W's gradient when the base weight is trainable) instead of keeping it."""
+    products). With more rows than output features (and a frozen W) the forward rotates W's rows once
+    instead of every token. Backward runs the butterfly's own backward on ``grad_lin W``; only a trainable W
+    (which needs ``x M``) or several adapters recompute ``x M`` through autograd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, perms, *rots):
-        z = _rotate(x, list(zip(rots, perms)))
-        lin = F.linear(z, weight)
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if len(rots) == 1 and rows > weight.shape[0] and not weight.requires_grad:
+            # more rows than outputs: rotate W's rows once, W M^T = W M_(m-1)^T ... M_0^T, not every token
+            lin = F.linear(x, ops.butterfly_rotate(weight, rots[0].transpose(-1, -2).flip(0), perms[0].flip(0)))
+        else:
+            lin = F.linear(_rotate(x, list(zip(rots, perms))), weight)
         # one pass, in the promoted dtype (float32 for a bf16 base with float32 adapters, as peft)
         y = lin * scale if bias is None else torch.addcmul(bias, lin, scale)
         ctx.perms = perms
@@ -106,7 +111,15 @@ class _RotatedLinear(torch.autograd.Function):
             grad_b = grad_y.reshape(-1, out_f).sum(0).to(ctx.bias_dtype)
         if need_s:
             grad_s = (grad_y * lin).reshape(-1, out_f).sum(0).to(scale.dtype)
-        if need_x or need_w or any(need_rots):
+        if len(rots) == 1 and not need_w and (need_x or need_rots[0]):
+            # one butterfly: its backward kernel recomputes the factors' inputs itself
+            grad_lin = (grad_y * scale).to(weight.dtype)
+            d = x.shape[-1]
+            grad_x, grad_rot = ops.butterfly_rotate_grads(
+                grad_lin.reshape(-1, out_f) @ weight, x.reshape(-1, d), rots[0], ctx.perms[0], need_x, need_rots[0])
+            grad_x = None if grad_x is None else grad_x.reshape(x.shape)
+            grad_rots = [grad_rot]
+        elif need_x or need_w or any(need_rots):
             grad_lin = (grad_y * scale).to(weight.dtype)
             with torch.enable_grad():
                 xd = x.detach().requires_grad_(need_x)

@@ -29,12 +29,14 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from ...ops import block_diag_rotate, cayley
+from ...ops import block_diag_rotate, block_diag_rotate_grads, cayley
+from ..base import BaseTunerLayer, _conv1d_class, transpose
 
 _HALF = (torch.float16, torch.bfloat16)
-from ..base import BaseTunerLayer, _conv1d_class
 
 __all__ = ["OFTRotation", "OFTLayer", "Linear", "Conv2d", "Embedding", "adjust_oft_parameters"]
 
@@ -362,6 +364,48 @@ class Linear(OFTLayer):
 
     def _rows_to_weight(self, rows, like):
         return rows.T if self._is_conv1d() else rows
+
+    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rotations = self._active_rotations()
+        base = self.get_base_layer()
+        weight = transpose(base.weight, self._is_conv1d())  # [out, in]
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        # One adapter on a plain frozen base, more rows than output features: rotating W once (out x d x b)
+        # is cheaper than rotating x (rows x d x b), and backward needs grad_y W either way.
+        if (len(rotations) == 1 and not args and not kwargs and self.base_layer is base
+                and not weight.requires_grad and rows > weight.shape[0] and x.dtype == weight.dtype
+                and (x.dtype in _HALF or rotations[0].weight.dtype == x.dtype)
+                and getattr(self, "cast_input_dtype_enabled", True)):
+            rot = rotations[0].rotation().to(x.dtype)
+            return _RotatedWeightLinear.apply(x, weight, base.bias, rot)
+        return super()._adapted_forward(x, *args, **kwargs)
+
+
+class _RotatedWeightLinear(torch.autograd.Function):
+    """``F.linear(x @ blockdiag(R), W, b)`` computed as ``F.linear(x, W blockdiag(R)^T, b)``: the rotation
+    is applied to W's rows (a small one-off product) instead of to every token. Backward is the rotation's
+    own backward on ``g = grad_y W`` (one kernel call for grad_x and grad_R); saves x, W and R only, and
+    gives W no gradient (the caller only takes this path for a frozen W)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rot):
+        ctx.save_for_backward(x, weight, rot)
+        return F.linear(x, block_diag_rotate(weight, rot.transpose(-1, -2)), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, rot = ctx.saved_tensors
+        need_x, _, need_bias, need_rot = ctx.needs_input_grad
+        grad_y = grad_y.reshape(-1, weight.shape[0])
+        grad_bias = grad_y.sum(0) if need_bias else None
+        grad_x = grad_rot = None
+        if need_x or need_rot:
+            d = x.shape[-1]
+            grad_x, grad_rot = block_diag_rotate_grads(grad_y @ weight, x.reshape(-1, d), rot, need_x, need_rot)
+            if grad_x is not None:
+                grad_x = grad_x.reshape(x.shape)
+        return grad_x, None, grad_bias, grad_rot
 
 
 class Conv2d(OFTLayer):
