@@ -113,3 +113,32 @@ def comparable_config(d: dict) -> dict:
         if isinstance(out.get(k), list):
             out[k] = sorted(out[k])
     return out
+
+
+def seeded_pair(peft_tuner, peft_config, our_tuner, our_config, base, adapter_name="default", seed=0):
+    """(peft model, fastpeft model): each tuner class on its own copy of `base`, built under the same seed.
+    Their state dicts must match in keys, shapes, dtypes and (same RNG use) values."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        theirs = peft_tuner(copy.deepcopy(base), peft_config, adapter_name)
+        torch.manual_seed(seed)
+        ours = our_tuner(copy.deepcopy(base), our_config, adapter_name)
+    st, so = theirs.state_dict(), ours.state_dict()
+    assert list(st) == list(so), sorted(set(st) ^ set(so))
+    for k in st:
+        assert (st[k].shape, st[k].dtype) == (so[k].shape, so[k].dtype), k
+        assert torch.equal(st[k], so[k]), f"{k}: initialisation differs from peft's under the same seed"
+    return theirs, ours
+
+
+def close(a, b, tol=1e-5):
+    """max |a - b| <= tol * max(1, max |a|) (shapes equal; float32 comparison)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.numel() == 0:
+        return
+    scale = max(1.0, a.abs().max().item())
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= tol * scale, f"max abs difference {err:.3g} > {tol * scale:.3g}"

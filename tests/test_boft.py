@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _peft_testing import comparable_config, inputs, logits, read_config, read_tensors, tiny_gpt2, tiny_llama
+from _peft_testing import (
+    close, comparable_config, inputs, logits, read_config, read_tensors, seeded_pair, tiny_gpt2, tiny_llama,
+)
 
 peft = pytest.importorskip("peft")
 import peft.tuners.boft.layer as peft_boft_layer  # noqa: E402
@@ -81,27 +83,9 @@ def kwargs(blocks="m2_size2", **extra):
 
 
 def pair(kw, base=None, adapter_name="default", seed=0):
-    """(peft model, fastpeft model) on copies of `base`, built under the same seed: same state-dict keys,
-    shapes, dtypes and values (same RNG use)."""
-    base = Net() if base is None else base
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        theirs = peft.tuners.BOFTModel(copy.deepcopy(base), peft.BOFTConfig(**copy.deepcopy(kw)), adapter_name)
-        torch.manual_seed(seed)
-        ours = BOFTModel(copy.deepcopy(base), BOFTConfig(**copy.deepcopy(kw)), adapter_name)
-    st, so = theirs.state_dict(), ours.state_dict()
-    assert list(st) == list(so), sorted(set(st) ^ set(so))
-    for k in st:
-        assert (st[k].shape, st[k].dtype) == (so[k].shape, so[k].dtype), k
-        assert torch.equal(st[k], so[k]), f"{k}: initialisation differs from peft's under the same seed"
-    return theirs, ours
-
-
-def close(a, b, tol=1e-5):
-    scale = max(1.0, a.abs().max().item())
-    err = (a.float() - b.float()).abs().max().item()
-    assert err <= tol * scale, f"max abs difference {err:.3g} > {tol * scale:.3g}"
+    """(peft model, fastpeft model) on copies of `base` (default Net()) built under the same seed."""
+    return seeded_pair(peft.tuners.BOFTModel, peft.BOFTConfig(**copy.deepcopy(kw)), BOFTModel,
+                       BOFTConfig(**copy.deepcopy(kw)), Net() if base is None else base, adapter_name, seed)
 
 
 def grads(model, x):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from _peft_testing import comparable_config, inputs, logits, read_config, read_tensors, tiny_llama
+from _peft_testing import close, comparable_config, inputs, logits, read_config, read_tensors, seeded_pair, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402
@@ -72,29 +72,13 @@ def _kwargs(method, variant, **extra):
 
 
 def pair(method, kwargs, base=None, adapter_name="default", seed=0):
-    """(peft model, fastpeft model) on copies of `base`, built under the same seed: the state dicts must
-    match in keys, shapes, dtypes and (same RNG use) values; peft's are then loaded into ours anyway."""
+    """(peft model, fastpeft model) on copies of `base` (default Net()) built under the same seed; peft's
+    state dict is then loaded into ours anyway."""
     pcfg, pmodel, fcfg, fmodel, _ = METHODS[method]
-    base = Net() if base is None else base
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        theirs = pmodel(copy.deepcopy(base), pcfg(**copy.deepcopy(kwargs)), adapter_name)
-        torch.manual_seed(seed)
-        ours = fmodel(copy.deepcopy(base), fcfg(**copy.deepcopy(kwargs)), adapter_name)
-    st, so = theirs.state_dict(), ours.state_dict()
-    assert list(st) == list(so), sorted(set(st) ^ set(so))
-    for k in st:
-        assert (st[k].shape, st[k].dtype) == (so[k].shape, so[k].dtype), k
-        assert torch.equal(st[k], so[k]), f"{k}: initialisation differs from peft's under the same seed"
-    ours.load_state_dict(st)
+    theirs, ours = seeded_pair(pmodel, pcfg(**copy.deepcopy(kwargs)), fmodel, fcfg(**copy.deepcopy(kwargs)),
+                               Net() if base is None else base, adapter_name, seed)
+    ours.load_state_dict(theirs.state_dict())
     return theirs, ours
-
-
-def close(a, b, tol=1e-5):
-    scale = max(1.0, a.abs().max().item())
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs difference {err:.3g} > {tol * scale:.3g}"
 
 
 def _grads(model, x):

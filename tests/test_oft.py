@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from _peft_testing import comparable_config, inputs, logits, read_config, read_tensors, tiny_gpt2, tiny_llama
+from _peft_testing import (
+    close, comparable_config, inputs, logits, read_config, read_tensors, seeded_pair, tiny_gpt2, tiny_llama,
+)
 
 peft = pytest.importorskip("peft")
 from peft.tuners.oft.layer import OFTLayer as PeftOFTLayer  # noqa: E402
@@ -74,30 +76,9 @@ def _kwargs(variant, **extra):
 
 
 def pair(kwargs, base=None, adapter_name="default", seed=0):
-    """(peft model, fastpeft model) on copies of `base` built under the same seed: same state-dict keys, shapes,
-    dtypes and (same RNG use) values."""
-    base = Net() if base is None else base
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        theirs = peft.OFTModel(copy.deepcopy(base), peft.OFTConfig(**copy.deepcopy(kwargs)), adapter_name)
-        torch.manual_seed(seed)
-        ours = OFTModel(copy.deepcopy(base), OFTConfig(**copy.deepcopy(kwargs)), adapter_name)
-    st, so = theirs.state_dict(), ours.state_dict()
-    assert list(st) == list(so), sorted(set(st) ^ set(so))
-    for k in st:
-        assert (st[k].shape, st[k].dtype) == (so[k].shape, so[k].dtype), k
-        assert torch.equal(st[k], so[k]), f"{k}: initialisation differs from peft's under the same seed"
-    return theirs, ours
-
-
-def close(a, b, tol=1e-5):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if a.numel() == 0:
-        return
-    scale = max(1.0, a.abs().max().item())
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs difference {err:.3g} > {tol * scale:.3g}"
+    """(peft model, fastpeft model) on copies of `base` (default Net()) built under the same seed."""
+    return seeded_pair(peft.OFTModel, peft.OFTConfig(**copy.deepcopy(kwargs)), OFTModel,
+                       OFTConfig(**copy.deepcopy(kwargs)), Net() if base is None else base, adapter_name, seed)
 
 
 def _grads(model, *args):

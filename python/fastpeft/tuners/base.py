@@ -238,6 +238,13 @@ class BaseTunerLayer(_AdapterActivity, ABC):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def _runs_base_only(self) -> bool:
+        """True when forward is the base layer alone: adapters disabled (a merged layer is unmerged first, as
+        peft does) or merged into the weight."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self.disable_adapters or self.merged
+
     def _adapter_containers(self):
         for name in self.adapter_layer_names:
             container = getattr(self, name, None)

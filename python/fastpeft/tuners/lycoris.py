@@ -218,11 +218,7 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
         if kwargs.pop("adapter_names", None) is not None:
             raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported by LoHa / LoKr")
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        if self.merged:
+        if self._runs_base_only():
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         available = self._available_adapters
         # peft draws torch.rand(1) for every active adapter in training, even with module_dropout=0, and then

@@ -337,12 +337,8 @@ class BOFTLayer(nn.Module, BaseTunerLayer):
         if kwargs.get("adapter_names") is not None:
             raise ValueError("BOFT does not support mixed-adapter batches (adapter_names=...)")
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         names = self._active_with_weights()
-        if self.merged or not names:
+        if self._runs_base_only() or not names:
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         return self._adapted_forward(x, names)  # each layer kind's: the active adapters applied, in x's dtype
 

@@ -317,12 +317,7 @@ class LoraLayer(BaseTunerLayer):
         that output is the answer (adapters disabled or merged, or none active)."""
         self._check_forward_args(x, *args, **kwargs)
         kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return []
-        active = self._active_lora_adapters()
-        return [] if self.merged else active
+        return [] if self._runs_base_only() else self._active_lora_adapters()
 
     def _active_lora_adapters(self) -> list[str]:
         container = self.lora_embedding_A if isinstance(self, Embedding) else self.lora_A

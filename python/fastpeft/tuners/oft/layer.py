@@ -266,11 +266,7 @@ class OFTLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        if self.merged:
+        if self._runs_base_only():
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         return self._adapted_forward(x, *args, **kwargs).to(previous_dtype)
 
@@ -470,10 +466,6 @@ class Embedding(OFTLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # x holds token ids: the output dtype is the embedding's
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self._runs_base_only():
             return self.base_layer(x, *args, **kwargs)
         return self._adapted_forward(x, *args, **kwargs)
