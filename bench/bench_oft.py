@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS, OneLinear
-from .bench_lycoris import build_pair, compare_pair
+from .bench_lycoris import ConvBlock, build_pair, compare_pair
 from .common import BenchContext, SuiteResult, Table, Target, dtype_name, register
 
 # row label -> (config class name in peft and fastpeft, kwargs with random adapter weights)
@@ -28,6 +28,13 @@ METHODS = {
     "oft b=32 exact": ("OFTConfig", dict(r=0, oft_block_size=32, use_cayley_neumann=False, init_weights=False)),
     "boft b=4": ("BOFTConfig", dict(boft_block_size=4, boft_n_butterfly_factor=1, init_weights=False)),
     "boft b=32": ("BOFTConfig", dict(boft_block_size=32, boft_n_butterfly_factor=1, init_weights=False)),
+}
+
+
+# UNet-style conv block rows (filter dim 9 * channels)
+CONV_METHODS = {
+    "boft b=4": ("BOFTConfig", dict(boft_block_size=4, boft_n_butterfly_factor=1, init_weights=False)),
+    "boft b=16": ("BOFTConfig", dict(boft_block_size=16, boft_n_butterfly_factor=1, init_weights=False)),
 }
 
 
@@ -83,13 +90,36 @@ def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
                      x=x, g=g, targets=_targets(label, dtype))
 
 
+def bench_conv(ctx: BenchContext, res: SuiteResult, table: Table, dtype, channels: int, hw: int, batch: int):
+    """BOFT on both 3x3 convs of a UNet-style block (peft's OFT conv forward is wrong for kernels > 1, so
+    OFT has no peft row to compare with here)."""
+    dev = ctx.device
+    torch.manual_seed(2)
+    x = torch.randn(batch, channels, hw, hw, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(batch, channels, hw, hw, device=dev, dtype=dtype)
+    torch.manual_seed(0)
+    block = ConvBlock(channels)
+    base = copy.deepcopy(block).to(device=dev, dtype=dtype).requires_grad_(False)
+    for label in CONV_METHODS:
+        compare_pair(ctx, res, table, dtype=dtype, case=label, label=f"conv block {label}",
+                     base_fwd=lambda: base(x), base_params=list(base.parameters()),
+                     make_layers=lambda label=label: build_pair(block, label, ["conv1", "conv2"], dtype, dev,
+                                                                methods=CONV_METHODS, adapters_fp32=True),
+                     x=x, g=g, targets=(None, None))
+
+
 @register("oft")
 def run(ctx: BenchContext) -> SuiteResult:
     res = SuiteResult("oft", ctx.device)
     o = ctx.options
     d = o.get("d", 256 if ctx.quick else 1024)
     tokens = o.get("tokens", 256 if ctx.quick else 2048)
+    ch = o.get("conv_channels", 32 if ctx.quick else 64)
+    hw = o.get("conv_hw", 16 if ctx.quick else 32)
+    batch = o.get("conv_batch", 2 if ctx.quick else 8)
     res.meta.update(d=d, tokens=tokens, bias=True, configs={k: v[1] for k, v in METHODS.items()},
+                    conv_channels=ch, conv_hw=hw, conv_batch=batch,
+                    conv_configs={k: v[1] for k, v in CONV_METHODS.items()},
                     dtypes=[dtype_name(t) for t in ctx.dtypes], warmup=ctx.warmup, repeats=ctx.repeats,
                     min_sample_ms=ctx.min_sample_ms)
     cols = LAYER_COLUMNS + (CUDA_EXTRA_COLUMNS if ctx.is_cuda else [])
@@ -102,8 +132,15 @@ def run(ctx: BenchContext) -> SuiteResult:
         "libraries); '<dtype> adapters' rows: adapters cast to the model's dtype too",
         "targets are informational (never asserted)",
     ])
+    conv = Table(f"UNet-style conv block fwd+bwd (frozen base), {ch} ch, {hw}x{hw}, batch {batch}, BOFT on "
+                 f"conv1+conv2, {ctx.device}", cols, notes=[
+                     "block: x + conv3x3(silu(gn(conv3x3(silu(gn(x)))))); BOFT rotates each 3x3 filter (9 * channels)",
+                     "no OFT rows: peft 0.21.2's OFT conv forward is wrong for kernels > 1 (nothing to compare with)",
+                     "adapters in float32 (get_peft_model's default) in every dtype",
+                 ])
     with _peft_boft_without_cuda_extension(ctx.device):
         for dtype in ctx.dtypes:
             bench_linear(ctx, res, table, dtype, d, tokens)
-    res.tables.append(table)
+            bench_conv(ctx, res, conv, dtype, ch, hw, batch)
+    res.tables += [table, conv]
     return res

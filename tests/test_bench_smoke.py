@@ -170,7 +170,7 @@ def test_lycoris_ops_suite_quick_tiny(tmp_path):
 def test_oft_suite_quick_tiny(tmp_path):
     ctx = common.BenchContext(
         device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
-        options={"d": 64, "tokens": 32},
+        options={"d": 64, "tokens": 32, "conv_channels": 16, "conv_hw": 6, "conv_batch": 1},
     )
     run.load_suites()
     assert "oft" in common.SUITES
@@ -182,6 +182,9 @@ def test_oft_suite_quick_tiny(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
     speedups = {r.label for r in res.ratios if r.kind == "speedup" and r.value}
     assert {f"fp32 {c}: fastpeft vs peft" for c in cases} <= speedups
+    conv = json.loads((tmp_path / "oft-cpu.json").read_text())["tables"][1]["rows"]
+    conv_cases = {"conv block boft b=4", "conv block boft b=16"}
+    assert {(r["case"], r["impl"]) for r in conv} == {(c, i) for c in conv_cases for i in ("base", "peft", "fastpeft")}
 
 
 def test_rotate_ops_suite_quick_tiny(tmp_path):

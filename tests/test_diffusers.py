@@ -1,4 +1,4 @@
-"""The diffusion use case, end to end: LoRA, LoHa and LoKr on a tiny diffusers UNet2DConditionModel
+"""The diffusion use case, end to end: LoRA, LoHa, LoKr, OFT and BOFT on a tiny diffusers UNet2DConditionModel
 (built from a config, no download), through fastpeft's public API, with peft as the oracle.
 
 For each method (LoHa / LoKr with `use_effective_conv2d` both ways on the resnet convs):
@@ -11,6 +11,20 @@ For each method (LoHa / LoKr with `use_effective_conv2d` both ways on the resnet
   * on the same (random) adapter weights, fastpeft's outputs, adapter gradients and merged weights are
     peft's.
 LoHa / LoKr tests skip, naming the missing config, while fastpeft has no LoHaConfig / LoKrConfig.
+
+OFT and BOFT (random adapter weights where compared with peft):
+  * peft 0.21.2's unmerged OFT Conv2d forward is wrong for kernels > 1 (it unfolds the input, rotates the patches
+    and F.fold's them back, summing the overlaps), while its merge (rotating the weight) is right; fastpeft
+    computes the rotated-weight conv. So "oft" (attention projections + the 3x3 resnet convs) is compared with
+    peft's MERGED model for outputs, and with peft whose OFT Conv2d forward applies peft's own merge formula
+    differentiably for gradients; "oft-1x1" (attention projections + the 13 1x1 convs proj_in / proj_out /
+    conv_shortcut, where peft's unmerged forward is right) is compared with plain peft, unmerged;
+  * peft builds BOFT's block diagonal with its fbd_cuda extension and silently uses boft_n_butterfly_factor = 1
+    when it cannot build it; the autouse fixture gives peft a pure-PyTorch stand-in (as in test_boft.py), so that
+    peft is the oracle for the butterfly factor 2 used here.
+Every targeted dimension (attention in_features 32 / 64; 1x1 in_channels 32 / 64 / 96 / 128; 3x3
+in_channels * 9 = 288 / 576 / 864 / 1152) is a multiple of 16, so OFT blocks of 8 and BOFT blocks of 4 with two
+butterfly factors fit every layer unadjusted.
 """
 from __future__ import annotations
 
@@ -32,6 +46,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
               pytest.mark.usefixtures("one_thread")]
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+# attention projections and the UNet's 1x1 convs (where peft's unmerged OFT Conv2d forward is right)
+TARGETS_1X1 = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv_shortcut"]
+N_TARGETS = {tuple(TARGETS): 48, tuple(TARGETS_1X1): 45}  # tiny_unet: 32 projections + 16 3x3 / 13 1x1 convs
 
 # method id -> (config class name (same in peft and fastpeft), shared kwargs, kwargs for random adapter weights,
 #               adapter parameter prefix)
@@ -41,7 +58,40 @@ METHODS = {
     "loha-effconv": ("LoHaConfig", dict(r=4, alpha=8, use_effective_conv2d=True), dict(init_weights=False), "hada_"),
     "lokr": ("LoKrConfig", dict(r=4, alpha=8, use_effective_conv2d=False), dict(init_weights=False), "lokr_"),
     "lokr-effconv": ("LoKrConfig", dict(r=4, alpha=8, use_effective_conv2d=True), dict(init_weights=False), "lokr_"),
+    "oft": ("OFTConfig", dict(r=0, oft_block_size=8, use_cayley_neumann=False), dict(init_weights=False), "oft_"),
+    "oft-1x1": ("OFTConfig", dict(r=0, oft_block_size=8), dict(init_weights=False), "oft_"),
+    "boft": ("BOFTConfig", dict(boft_block_size=4, boft_n_butterfly_factor=2), dict(init_weights=False), "boft_"),
 }
+METHOD_TARGETS = {"oft-1x1": TARGETS_1X1}  # method -> target_modules, TARGETS when not listed
+# methods whose unmerged peft forward is wrong on some target (OFT's 3x3 convs): compare with peft merged
+PEFT_UNMERGED_WRONG = {"oft"}
+
+
+def targets_of(method: str) -> list[str]:
+    return list(METHOD_TARGETS.get(method, TARGETS))
+
+
+class FakeFbdCuda:
+    """peft's fbd_cuda extension in plain PyTorch (copied from test_boft.py): blocks [N, D, H, H] -> block-diagonal
+    [N, D*H, D*H]."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks.unbind(0)])]
+
+    @staticmethod
+    def backward(grad, blocks):
+        n, d, h, _ = blocks.shape
+        diagonal = torch.diagonal(grad.reshape(n, d, h, d, h), dim1=1, dim2=3)  # [N, H, H, D]
+        return [diagonal.permute(0, 3, 1, 2).contiguous()]
+
+
+@pytest.fixture(autouse=True)
+def peft_fbd(monkeypatch):
+    """peft's BOFT keeps boft_n_butterfly_factor > 1 only with its fbd_cuda extension: give it the stand-in."""
+    import peft.tuners.boft.layer as peft_boft_layer
+
+    monkeypatch.setattr(peft_boft_layer, "_FBD_CUDA", FakeFbdCuda())
 
 
 def tiny_unet(seed: int = 0):
@@ -77,11 +127,11 @@ def config(lib, method: str, random: bool = False):
         if lib is fastpeft:
             pytest.skip(f"fastpeft.{name} is not available yet ({type(exc).__name__}: {exc})")
         raise
-    return cls(target_modules=list(TARGETS), **kwargs, **(random_kwargs if random else {}))
+    return cls(target_modules=targets_of(method), **kwargs, **(random_kwargs if random else {}))
 
 
-def target_module_names(unet) -> list[str]:
-    return [n for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in TARGETS)]
+def target_module_names(unet, targets=TARGETS) -> list[str]:
+    return [n for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def tuner_layers(model) -> list[str]:
@@ -92,6 +142,14 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
+
+
+def run_peft(pm, inputs, method: str):
+    """peft's output where peft is right: its merged model (on a copy) for PEFT_UNMERGED_WRONG methods."""
+    if method in PEFT_UNMERGED_WRONG:
+        pm = copy.deepcopy(pm)
+        quiet(pm.merge_adapter)
+    return run(pm, inputs)
 
 
 # ---- training, merging and checkpoints of a fastpeft-trained adapter --------------------------------------------------
@@ -133,8 +191,9 @@ def test_default_init_is_identity_and_every_target_is_adapted(trained):
     assert rel_err(trained["y_init"], trained["y_base"]) < 1e-6
     prefix = METHODS[trained["method"]][3]
     model, unet = trained["model"], trained["unet"]
-    targets = target_module_names(unet)
-    assert len(targets) == 48  # 16 attention blocks' worth of projections, 16 resnet convs (see tiny_unet)
+    method_targets = targets_of(trained["method"])
+    targets = target_module_names(unet, method_targets)
+    assert len(targets) == N_TARGETS[tuple(method_targets)]  # see tiny_unet
     wrapped = {n.removeprefix("base_model.model.") for n in tuner_layers(model)}
     assert wrapped == set(targets)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -173,7 +232,7 @@ def test_checkpoint_round_trip_both_ways(trained, tmp_path):
     quiet(trained["model"].save_pretrained, str(fdir))
     pm = quiet(peft.PeftModel.from_pretrained, copy.deepcopy(unet), str(fdir))
     with torch.no_grad():
-        assert rel_err(run(pm, inputs), y) < 1e-5
+        assert rel_err(run_peft(pm, inputs, trained["method"]), y) < 1e-5
     quiet(pm.save_pretrained, str(pdir))
     fm = quiet(fastpeft.PeftModel.from_pretrained, copy.deepcopy(unet), str(pdir))
     with torch.no_grad():
@@ -186,7 +245,7 @@ def test_checkpoint_round_trip_both_ways(trained, tmp_path):
     f_cfg = json.loads((fdir / "adapter_config.json").read_text())
     p_cfg = json.loads((pdir / "adapter_config.json").read_text())
     assert f_cfg["peft_type"] == p_cfg["peft_type"]
-    assert sorted(f_cfg["target_modules"]) == sorted(p_cfg["target_modules"]) == sorted(TARGETS)
+    assert sorted(f_cfg["target_modules"]) == sorted(p_cfg["target_modules"]) == sorted(targets_of(trained["method"]))
 
 
 # ---- the same random adapter weights in peft and fastpeft -------------------------------------------------------------
@@ -218,6 +277,18 @@ def test_peft_loha_effective_conv_backward_is_wrong_so_the_oracle_is_patched():
         pytest.fail("peft's HadaWeightCP.backward is right now: drop the patch in test_matches_peft_...")
 
 
+def _peft_oft_conv_forward_by_merged_weight(self, x, *args, **kwargs):
+    """peft's OFT Conv2d with its own merge formula (weight viewed [out, in*k*k] <- (R @ weight.T).T, R from
+    get_delta_weight) applied differentiably in the forward: peft's right path, with gradients. peft 0.21.2's own
+    unmerged forward rotates unfolded input patches and sums them back with F.fold, which is wrong for kernels > 1."""
+    base = self.get_base_layer()
+    weight = base.weight.reshape(self.out_features, -1)
+    for adapter in self.active_adapters:
+        if adapter in self.oft_R.keys():
+            weight = torch.mm(self.get_delta_weight(adapter), weight.t()).t()
+    return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_matches_peft_outputs_gradients_and_merge(method, monkeypatch):
     fcfg = config(fastpeft, method, random=True)
@@ -234,10 +305,21 @@ def test_matches_peft_outputs_gradients_and_merge(method, monkeypatch):
     assert set(p_sd) == set(f_sd), sorted(set(p_sd) ^ set(f_sd))
     for k in p_sd:
         assert p_sd[k].shape == f_sd[k].shape, k
+    if METHODS[method][0] == "BOFTConfig":  # peft kept both butterfly factors (the fbd_cuda stand-in is in use)
+        assert all(v.shape[0] == 2 for k, v in p_sd.items() if "boft_R" in k)
     fm.load_state_dict(p_sd)
     assert ({n for n, p in pm.named_parameters() if p.requires_grad}
             == {n for n, p in fm.named_parameters() if p.requires_grad})
     pm.eval(), fm.eval()
+    if method in PEFT_UNMERGED_WRONG:
+        import peft.tuners.oft.layer as peft_oft_layer
+
+        with torch.no_grad():
+            y_peft_unmerged, y_peft_merged = run(pm, inputs), run_peft(pm, inputs, method)
+        assert rel_err(y_peft_unmerged, y_peft_merged) > 1e-3, "peft's unmerged OFT conv is right now: drop the patch"
+        monkeypatch.setattr(peft_oft_layer.Conv2d, "forward", _peft_oft_conv_forward_by_merged_weight)
+        with torch.no_grad():
+            assert rel_err(run(pm, inputs), y_peft_merged) < 1e-5  # the patched forward is peft's merge
     outs = []
     for m in (pm, fm):
         y = run(m, inputs)
@@ -260,7 +342,7 @@ def test_matches_peft_outputs_gradients_and_merge(method, monkeypatch):
         assert rel_err(mf_sd[k], mp_sd[k]) < 1e-5, k
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m][0] in ("LoHaConfig", "LoKrConfig")])
 def test_rank_and_module_dropout_in_training_match_peft(method):
     """Training-mode forward with rank_dropout and module_dropout: the same seed gives peft's output."""
     name, kwargs, random_kwargs, _ = METHODS[method]

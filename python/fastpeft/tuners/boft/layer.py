@@ -458,12 +458,13 @@ class Conv2d(BOFTLayer):
     def _adapted_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         previous_dtype = x.dtype
         base = self.get_base_layer()
-        # peft's dtypes: the rotated weight is scaled by boft_s, so the convolution runs in their promoted dtype
+        # The rotated, scaled filter W' = W_flat B^T s is built in the promoted dtype (float32 for a bf16 base
+        # with float32 adapters) and rounded once to the base's dtype; the convolution runs in the base's
+        # dtype (peft runs it in float32 there, at twice the cost on a CPU with bf16 units).
         scale = self._combined_scale(names)
         dtype = torch.promote_types(base.weight.dtype, scale.dtype)
         blocks = [self._dropped_blocks(name, dtype) for name in names]
         perms = [self._perm(name, x.device) for name in names]
         rows = _rotate(self._weight_rows(base.weight).to(dtype), self._weight_factors(blocks, perms))
-        weight = self._rows_to_weight(rows * scale.to(dtype)[:, None])
-        bias = None if base.bias is None else base.bias.to(dtype)
-        return base._conv_forward(x.to(dtype), weight, bias).to(previous_dtype)
+        weight = self._rows_to_weight(rows * scale.to(dtype)[:, None]).to(base.weight.dtype)
+        return base._conv_forward(x.to(base.weight.dtype), weight, base.bias).to(previous_dtype)
