@@ -287,7 +287,7 @@ def bench_layers(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
 
 
 def compare_layers(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: str, label: str, base_fwd,
-                   base_params, layer_p, layer_f, x, g, targets) -> None:
+                   base_params, layer_p, layer_f, x, g, targets, overhead_target: Optional[Target] = None) -> None:
     """One row group: checks fastpeft's layer (if any) against peft's on (x, g), then times the frozen base
     (`base_fwd` over `base_params`), peft's and fastpeft's layers with run_group; failures become problems."""
     mismatch = None
@@ -308,7 +308,8 @@ def compare_layers(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, 
     st, mt = targets
     try:
         run_group(ctx, res, table, dtype=dtype, case=case, label=label, impls=impls, slow="peft", fast="fastpeft",
-                  base="base", speed_target=st, mem_target=mt, x=x, g=g, mismatch=mismatch)
+                  base="base", speed_target=st, mem_target=mt, x=x, g=g, mismatch=mismatch,
+                  plot_overhead_target=overhead_target)
     except Exception as exc:  # noqa: BLE001
         res.errors.append(f"{dtype_name(dtype)} {label}: timing failed: {type(exc).__name__}: {exc}")
         traceback.print_exc()

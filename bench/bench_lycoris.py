@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -112,9 +112,11 @@ def build_pair(model: nn.Module, method: str, targets: List[str], dtype, device,
 
 def compare_pair(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, case: str, label: str,
                  base_fwd: Callable[[], torch.Tensor], base_params: List[torch.Tensor],
-                 make_layers: Callable[[], Any], x: torch.Tensor, g: torch.Tensor, targets=None):
+                 make_layers: Callable[[], Any], x: torch.Tensor, g: torch.Tensor, targets=None,
+                 overhead_target: Optional[Target] = None):
     """One row group from a (peft, fastpeft) pair built by `make_layers` (see build_pair); `targets` is
-    (speed target, saved-bytes target), default this suite's."""
+    (speed target, saved-bytes target), default this suite's; `overhead_target` (%) applies to fastpeft's
+    time over the frozen base."""
     try:
         pm, fm, notes = make_layers()
     except Exception as exc:  # noqa: BLE001
@@ -126,7 +128,7 @@ def compare_pair(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, ca
     layer_f = fm.get_base_model() if fm is not None else None
     compare_layers(ctx, res, table, dtype=dtype, case=case, label=label, base_fwd=base_fwd, base_params=base_params,
                    layer_p=pm.get_base_model(), layer_f=layer_f, x=x, g=g,
-                   targets=targets if targets is not None else _targets(case, dtype))
+                   targets=targets if targets is not None else _targets(case, dtype), overhead_target=overhead_target)
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):

@@ -207,3 +207,18 @@ def test_rotate_ops_suite_quick_tiny(tmp_path):
     cases.discard("BOFT b=32 m=4")
     assert {(r["dtype"], r["case"]) for r in rows} == {(dt, c) for dt in ("fp32", "bf16") for c in cases}
     assert all(r["status"] == "ok" and r["fastpeft ms"] > 0 and r["% of base"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_ia3_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"d": 64, "tokens": 32},
+    )
+    run.load_suites()
+    assert "ia3" in common.SUITES
+    res = run.run_suite("ia3", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "ia3-cpu.json").read_text())["tables"][0]["rows"]
+    cases = {"ia3 output", "ia3 input (feedforward)"}
+    assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in cases for i in ("base", "peft", "fastpeft")}
+    assert {f"fp32 {c}: fastpeft over base" for c in cases} <= {r.label for r in res.ratios if r.kind == "overhead"}

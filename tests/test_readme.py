@@ -97,3 +97,13 @@ def test_readme_oft_boft_example_runs(tmp_path, monkeypatch):
         assert config["peft_type"] == peft_type and (tmp_path / folder / "adapter_model.safetensors").is_file()
     assert type(ns["merged"]) is torch.nn.Sequential
     assert all(type(m).__module__.startswith("torch.nn") for m in ns["merged"].modules())
+
+
+def test_readme_ia3_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## IA³"), "README.md:ia3", "exec"), ns)
+    config = json.loads((tmp_path / "my-ia3" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and set(config["feedforward_modules"]) == {"down_proj"}
+    assert type(ns["merged"]).__name__ == "LlamaForCausalLM"

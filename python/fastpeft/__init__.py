@@ -28,6 +28,8 @@ _LAZY = {
     "OFTModel": "fastpeft.tuners.oft.model",
     "BOFTConfig": "fastpeft.tuners.boft.config",
     "BOFTModel": "fastpeft.tuners.boft.model",
+    "IA3Config": "fastpeft.tuners.ia3.config",
+    "IA3Model": "fastpeft.tuners.ia3.model",
     "PeftModel": "fastpeft.peft_model",
     "PeftModelForCausalLM": "fastpeft.peft_model",
     "PeftModelForSequenceClassification": "fastpeft.peft_model",

@@ -76,6 +76,7 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.LOKR: "fastpeft.tuners.lokr.config",
     PeftType.OFT: "fastpeft.tuners.oft.config",
     PeftType.BOFT: "fastpeft.tuners.boft.config",
+    PeftType.IA3: "fastpeft.tuners.ia3.config",
 }
 
 

@@ -1,6 +1,7 @@
 """Adapter methods. `base` holds what every method shares; one subpackage per method."""
 from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, check_target_module_exists
 from .boft import BOFTConfig, BOFTModel
+from .ia3 import IA3Config, IA3Model
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
@@ -9,10 +10,12 @@ from .oft import OFTConfig, OFTModel
 # peft_type -> tuner class (each method adds its entry here)
 PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
+    "IA3": IA3Model,
 }
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
+    "IA3Config", "IA3Model",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]

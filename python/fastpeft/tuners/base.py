@@ -66,6 +66,15 @@ def linear_kind(base: nn.Module, config) -> Optional[str]:
     return kind
 
 
+def check_wrapped_type(layer: nn.Module, base_layer: nn.Module, base_types: tuple) -> None:
+    """TypeError unless `base_layer` (or, when it is another adapter layer, the layer under it) is one of
+    `base_types`, the layer types the adapter layer class of `layer` wraps."""
+    inner = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+    if not isinstance(inner, base_types):
+        names = " or ".join(t.__name__ for t in base_types)
+        raise TypeError(f"{type(layer).__name__} wraps a {names}, got {type(inner).__name__}")
+
+
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 

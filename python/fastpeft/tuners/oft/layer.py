@@ -34,7 +34,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ...ops import block_diag_rotate, block_diag_rotate_grads, cayley
-from ..base import BaseTunerLayer, _conv1d_class, transpose
+from ..base import BaseTunerLayer, _conv1d_class, check_wrapped_type, transpose
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -142,11 +142,7 @@ class OFTLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0,
                  fan_in_fan_out: bool = False, **kwargs) -> None:
         super().__init__()
-        inner = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        base_types = self._base_types()
-        if not isinstance(inner, base_types):
-            names = " or ".join(t.__name__ for t in base_types)
-            raise TypeError(f"{type(self).__name__} wraps a {names}, got {type(inner).__name__}")
+        check_wrapped_type(self, base_layer, self._base_types())
         self.base_layer = base_layer
         self.oft_R = nn.ModuleDict({})
         self.oft_embedding_R = nn.ModuleDict({})
