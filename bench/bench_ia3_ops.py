@@ -15,15 +15,18 @@ import torch.nn.functional as F
 from fastpeft import ops
 
 
-def _time(fn, reps):
-    for _ in range(5):
-        fn()
-    ts = []
+def _time_all(fns, reps):
+    """Median ms per fn, the fns run round-robin so drifts in machine load hit all alike."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in ts]
 
 
 def main():
@@ -61,9 +64,8 @@ def main():
         def fast(scale_input):
             return lambda: torch.autograd.grad(ops.ia3_linear(x, w, b, s, scale_input), [x, s], gy)
 
-        tb = _time(base, a.reps)
-        for mode, pf, ff in (("input", peft_in, fast(True)), ("output", peft_out, fast(False))):
-            tp, tf = _time(pf, a.reps), _time(ff, a.reps)
+        tb, tpi, tfi, tpo, tfo = _time_all([base, peft_in, fast(True), peft_out, fast(False)], a.reps)
+        for mode, tp, tf in (("input", tpi, tfi), ("output", tpo, tfo)):
             print(f"| {str(dtype).split('.')[1]} | {mode} | {tb:.2f} | {tp:.2f} | {tf:.2f} | {tf / tb:.3f} | {tf / tp:.3f} |")
 
 

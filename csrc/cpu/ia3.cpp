@@ -11,34 +11,39 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_math.h"
 #include "common/ia3_impl.h"
 #include "common/opmath.h"
 
 namespace fastpeft {
 namespace {
 
+// One row range of the pass; compiled per ISA (cpu_math.h), the bf16 conversions are integer ops
+// so the loops vectorise.
 template <class T, class M>
-void scale_rows(const T* src, const M* __restrict__ s, T* dst, int64_t r0, int64_t r1, int64_t C) {
+FASTPEFT_CLONES void scale_rows(const T* src, const M* __restrict__ s, T* dst, int64_t r0, int64_t r1, int64_t C) {
+  using cpu::ld;
+  using cpu::st;
   for (int64_t r = r0; r < r1; ++r) {
     const T* a = src + r * C;
     T* d = dst + r * C;
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) d[j] = static_cast<T>(static_cast<M>(a[j]) * s[j]);
+    for (int64_t j = 0; j < C; ++j) st(d[j], ld(a[j]) * s[j]);
   }
 }
 
 template <class T, class M>
-void scale_rows_acc(const T* src, const M* __restrict__ s, T* dst, const T* __restrict__ acc, M* __restrict__ part,
-                    int64_t r0, int64_t r1, int64_t C) {
+FASTPEFT_CLONES void scale_rows_acc(const T* src, const M* __restrict__ s, T* dst, const T* __restrict__ acc,
+                                    M* __restrict__ part, int64_t r0, int64_t r1, int64_t C) {
+  using cpu::ld;
+  using cpu::st;
   for (int64_t r = r0; r < r1; ++r) {
     const T* a = src + r * C;
     const T* b = acc + r * C;
     T* d = dst + r * C;
-#pragma omp simd
     for (int64_t j = 0; j < C; ++j) {
-      const M v = static_cast<M>(a[j]);
-      part[j] += v * static_cast<M>(b[j]);
-      d[j] = static_cast<T>(v * s[j]);
+      const M v = ld(a[j]);
+      part[j] += v * ld(b[j]);
+      st(d[j], v * s[j]);
     }
   }
 }
