@@ -104,6 +104,19 @@ TORCH_LIBRARY(fastpeft, m) {
       "kron_backward(Tensor grad_y, Tensor x, Tensor? w1, Tensor? w1_a, Tensor? w1_b, Tensor? w2, "
       "Tensor? w2_a, Tensor? w2_b, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // ---- ia3 family (IA3) ---------------------------------------------------------------------
+  // peft's IA3 Linear over a frozen base weight [out, in] and bias [out] (or none); x [N, in].
+  // scale_input=True (scale [in]): y = (x * scale) W^T + b;  False (scale [out]): y = (x W^T + b) * scale.
+  // scale has x's dtype or float32; the scaling is op-math, rounded once to x's dtype. Returns
+  // (y, y0): y0 = x W^T + b (saved for backward) when scale_input=False, an empty [0] tensor otherwise.
+  m.def("ia3_forward(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input) -> (Tensor, Tensor)");
+  // `saved` is x (scale_input=True) or y0 (False). Returns (grad_x, grad_scale, grad_bias): grad_x an
+  // empty [0] tensor unless need_grad_x, grad_bias one unless need_grad_bias; grad_scale in scale's
+  // dtype (op-math sums). The weight gets no gradient.
+  m.def(
+      "ia3_backward(Tensor grad_y, Tensor saved, Tensor weight, Tensor scale, bool scale_input, "
+      "bool need_grad_x=True, bool need_grad_bias=False) -> (Tensor, Tensor, Tensor)");
+
   // ---- hadamard family (LoHa) --------------------------------------------------------------
   // dW = scale (w1_a w1_b) * (w2_a w2_b)   (w1_a [out, r1], w1_b [r1, in], w2_a [out, r2],
   // w2_b [r2, in]), both products and the elementwise product in one fused pass.

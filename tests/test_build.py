@@ -13,7 +13,7 @@ OPS = [
     "seeded_dropout", "lora_forward", "lora_backward", "dora_weight_norm", "dora_forward", "dora_backward",
     "nf4_quantize", "nf4_dequantize", "blockwise8_quantize", "blockwise8_dequantize",
     "nf4_linear", "nf4_linear_grad_input", "qlora_forward", "qlora_backward",
-    "kron_forward", "kron_backward", "hadamard_delta", "hadamard_delta_backward",
+    "kron_forward", "kron_backward", "ia3_forward", "ia3_backward", "hadamard_delta", "hadamard_delta_backward",
     "hadamard_linear_forward", "hadamard_linear_backward",
     "cayley", "cayley_backward",
     "block_diag_rotate", "block_diag_rotate_backward", "butterfly_rotate", "butterfly_rotate_backward",

@@ -35,6 +35,7 @@ __all__ = [
     "nf4_linear",
     "qlora_linear",
     "kron_linear",
+    "ia3_linear",
     "hadamard_delta",
     "hadamard_linear",
     "cayley",
@@ -967,6 +968,108 @@ def kron_linear(
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
     y = _ops.kron_forward(x2, w1, w1_a, w1_b, w2, w2_a, w2_b, float(scale))
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+# ---- ia3 family (IA3) -----------------------------------------------------------------------------
+#
+# peft's IA3 Linear (csrc/common/ia3_impl.h): the base GEMM through ATen, the scaling fused into one
+# elementwise pass per direction. Saved for backward: x only (input scaling) or the pre-scale
+# output y0 only (output scaling).
+
+
+def _ia3_check(x, weight, bias, scale, scale_input) -> Tuple[int, int]:
+    """Returns (in_features, out_features)."""
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    _check_tensor(weight, "weight", 2)
+    _check_same(weight, x, "weight", "x")
+    out_f, in_f = int(weight.shape[0]), int(weight.shape[1])
+    if x.shape[-1] != in_f:
+        raise ValueError(f"'x' has last dim {x.shape[-1]} but 'weight' {tuple(weight.shape)} has in_features {in_f}")
+    if bias is not None:
+        _check_tensor(bias, "bias", 1)
+        _check_same(bias, x, "bias", "x")
+        if bias.shape[0] != out_f:
+            raise ValueError(f"'bias' has {bias.shape[0]} elements but 'weight' has out_features {out_f}")
+    if not isinstance(scale_input, bool):
+        raise TypeError(f"'scale_input' must be a bool, got {type(scale_input).__name__}")
+    _check_tensor(scale, "scale", 1)
+    if scale.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"'scale' must have x's dtype ({x.dtype}) or float32, got {scale.dtype}")
+    if scale.device != x.device:
+        raise ValueError(f"'scale' is on {scale.device} but 'x' is on {x.device}; move them to one device")
+    want, what = (in_f, "in_features (scale_input=True scales the input)") if scale_input else (
+        out_f, "out_features (scale_input=False scales the output)")
+    if scale.shape[0] != want:
+        raise ValueError(f"'scale' has {scale.shape[0]} elements but must have {what} = {want}")
+    return in_f, out_f
+
+
+@torch.library.register_fake("fastpeft::ia3_forward")
+def _ia3_forward_fake(x, weight, bias, scale, scale_input):
+    if x.dim() != 2:
+        raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
+    _, out_f = _ia3_check(x, weight, bias, scale, scale_input)
+    y = x.new_empty((x.shape[0], out_f))
+    return y, (x.new_empty((0,)) if scale_input else x.new_empty((x.shape[0], out_f)))
+
+
+@torch.library.register_fake("fastpeft::ia3_backward")
+def _ia3_backward_fake(grad_y, saved, weight, scale, scale_input, need_grad_x=True, need_grad_bias=False):
+    _fake_2d(grad_y, "grad_y")
+    _fake_2d(saved, "saved")
+    n, in_f, out_f = grad_y.shape[0], weight.shape[1], weight.shape[0]
+    gx = grad_y.new_empty((n, in_f)) if need_grad_x else grad_y.new_empty((0,))
+    gb = grad_y.new_empty((out_f,)) if need_grad_bias else grad_y.new_empty((0,))
+    return gx, scale.new_empty(scale.shape), gb
+
+
+def _ia3_setup(ctx, inputs, output):
+    x, weight, bias, scale, scale_input = inputs
+    _, y0 = output
+    ctx.scale_input = scale_input
+    # Input scaling keeps x only; output scaling keeps the pre-scale output y0 only.
+    ctx.save_for_backward(x if scale_input else y0, weight, scale)
+
+
+def _ia3_backward(ctx, grad_y, _grad_y0):
+    saved, weight, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None or not (need[0] or need[2] or need[3]):
+        return None, None, None, None, None
+    gx, gs, gb = _ops.ia3_backward(grad_y, saved, weight, scale, ctx.scale_input, bool(need[0]), bool(need[2]))
+    return (gx if need[0] else None, None, gb if need[2] else None, gs if need[3] else None, None)
+
+
+torch.library.register_autograd("fastpeft::ia3_forward", _ia3_backward, setup_context=_ia3_setup)
+
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, scale_input: bool) -> Tensor:
+    """IA3 (peft's ``IA3Layer`` Linear) over a frozen base layer, fused.
+
+    Args:
+        x: ``[..., in]`` input (any leading dims, any strides, zero rows allowed).
+        weight: the base weight ``[out, in]``; frozen: it gets **no gradient** (use this op only for
+            frozen base weights).
+        bias: the base bias ``[out]`` or None; gets a gradient when it requires one.
+        scale: the IA3 vector, 1-D: ``[in]`` when ``scale_input`` else ``[out]``; x's dtype or
+            float32 (peft keeps IA3 vectors in float32 for bf16/fp16 models).
+        scale_input: True for peft's feedforward modules: ``y = (x * scale) W^T + b``; False:
+            ``y = (x W^T + b) * scale`` (peft scales the whole base output, bias included).
+
+    x, weight and bias share one dtype (float32, bfloat16, float16 or float64) and device. The
+    scaling is done in op-math (float32; float64 for float64) and rounded once to x's dtype.
+    Gradients flow to x, scale and bias. Saved for backward: x only (input scaling; ``x * scale``
+    is never kept) or the pre-scale output ``y0`` only (output scaling, as peft's autograd does).
+    """
+    in_f, out_f = _ia3_check(x, weight, bias, scale, scale_input)
+    if not _use_kernel(x):
+        return _ref.ia3_linear(x, weight, bias, scale, scale_input)
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    y, _ = _ops.ia3_forward(x2, weight, bias, scale, scale_input)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
 

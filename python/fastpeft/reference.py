@@ -458,6 +458,21 @@ def kron_linear(x, w1=None, w2=None, *, w1_a=None, w1_b=None, w2_a=None, w2_b=No
     return torch.nn.functional.linear(x, w)
 
 
+# ---- ia3 family (IA3) ---------------------------------------------------------------------------------
+
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, scale_input: bool) -> Tensor:
+    """peft's IA3 Linear: ``scale_input`` (peft's feedforward modules, scale [in]):
+    ``y = (x * scale) W^T + b``; otherwise (scale [out]) ``y = (x W^T + b) * scale``. The scaling is
+    done in op-math (float32; float64 for float64) and rounded once to x's dtype."""
+    opm = _opmath(x.dtype)
+    if scale_input:
+        xs = (x.to(opm) * scale.to(opm)).to(x.dtype)
+        return torch.nn.functional.linear(xs, weight, bias)
+    y0 = torch.nn.functional.linear(x, weight, bias)
+    return (y0.to(opm) * scale.to(opm)).to(x.dtype)
+
+
 # ---- hadamard family (LoHa) -------------------------------------------------------------------------
 
 
