@@ -107,3 +107,15 @@ def test_readme_ia3_example_runs(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "my-ia3" / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and set(config["feedforward_modules"]) == {"down_proj"}
     assert type(ns["merged"]).__name__ == "LlamaForCausalLM"
+
+
+def test_readme_bitfit_example_runs(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(_code_under("## BitFit"), "README.md:bitfit", "exec"), ns)
+    saved = load_file(str(tmp_path / "my-bitfit" / "adapter_model.safetensors"))
+    assert saved and all(k.endswith(".bias") for k in saved)
+    assert type(ns["plain"]).__name__ == "GPT2LMHeadModel"

@@ -30,6 +30,8 @@ _LAZY = {
     "BOFTModel": "fastpeft.tuners.boft.model",
     "IA3Config": "fastpeft.tuners.ia3.config",
     "IA3Model": "fastpeft.tuners.ia3.model",
+    "BitFitConfig": "fastpeft.tuners.bitfit.config",
+    "BitFitModel": "fastpeft.tuners.bitfit.model",
     "PeftModel": "fastpeft.peft_model",
     "PeftModelForCausalLM": "fastpeft.peft_model",
     "PeftModelForSequenceClassification": "fastpeft.peft_model",

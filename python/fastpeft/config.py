@@ -77,6 +77,7 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.OFT: "fastpeft.tuners.oft.config",
     PeftType.BOFT: "fastpeft.tuners.boft.config",
     PeftType.IA3: "fastpeft.tuners.ia3.config",
+    PeftType.BITFIT: "fastpeft.tuners.bitfit.config",
 }
 
 

@@ -1,5 +1,6 @@
 """Adapter methods. `base` holds what every method shares; one subpackage per method."""
 from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, check_target_module_exists
+from .bitfit import BitFitConfig, BitFitModel
 from .boft import BOFTConfig, BOFTModel
 from .ia3 import IA3Config, IA3Model
 from .loha import LoHaConfig, LoHaModel
@@ -10,12 +11,12 @@ from .oft import OFTConfig, OFTModel
 # peft_type -> tuner class (each method adds its entry here)
 PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
-    "IA3": IA3Model,
+    "IA3": IA3Model, "BITFIT": BitFitModel,
 }
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
-    "IA3Config", "IA3Model",
+    "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]
