@@ -11,13 +11,10 @@ Target (the issue's): fastpeft's forward + backward within 5% (fp32) / 10% (bf16
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 
-from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS, OneLinear
-from .bench_lycoris import build_pair, compare_pair
+from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS
+from .bench_lycoris import build_pair, compare_pair, linear_case
 from .common import BenchContext, SuiteResult, Table, Target, dtype_name, register
 
 METHODS = {
@@ -27,19 +24,13 @@ METHODS = {
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
+    model, x, g, base_fwd, base_params = linear_case(ctx, dtype, d, tokens)
     dev = ctx.device
-    torch.manual_seed(1)
-    x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, d, device=dev, dtype=dtype)
-    torch.manual_seed(0)
-    model = OneLinear(d, d)
-    base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
-    W, b = base.weight, base.bias
     half = dtype in (torch.bfloat16, torch.float16)
     overhead = Target(10.0 if half else 5.0, "<=", "IA3 over base")
     for label in METHODS:
         compare_pair(ctx, res, table, dtype=dtype, case=label, label=label,
-                     base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
+                     base_fwd=base_fwd, base_params=base_params,
                      make_layers=lambda label=label: build_pair(model, label, ["proj"], dtype, dev, methods=METHODS,
                                                                 adapters_fp32=True),
                      x=x, g=g, targets=(None, None), overhead_target=overhead)

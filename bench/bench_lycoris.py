@@ -131,7 +131,9 @@ def compare_pair(ctx: BenchContext, res: SuiteResult, table: Table, *, dtype, ca
                    targets=targets if targets is not None else _targets(case, dtype), overhead_target=overhead_target)
 
 
-def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
+def linear_case(ctx: BenchContext, dtype, d: int, tokens: int):
+    """The shared one-Linear set-up of the layer suites: (model to adapt (OneLinear d x d, target "proj"),
+    input x [tokens, d] requiring grad, upstream gradient g, frozen base forward, its parameters)."""
     dev = ctx.device
     torch.manual_seed(1)
     x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
@@ -140,10 +142,16 @@ def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
     model = OneLinear(d, d)
     base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
     W, b = base.weight, base.bias
+    return model, x, g, (lambda: F.linear(x, W, b)), [W, b]
+
+
+def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
+    model, x, g, base_fwd, base_params = linear_case(ctx, dtype, d, tokens)
     for method in ("lokr", "loha"):
         compare_pair(ctx, res, table, dtype=dtype, case=method, label=method,
-               base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
-               make_layers=lambda method=method: build_pair(model, method, ["proj"], dtype, dev), x=x, g=g)
+                     base_fwd=base_fwd, base_params=base_params,
+                     make_layers=lambda method=method: build_pair(model, method, ["proj"], dtype, ctx.device),
+                     x=x, g=g)
 
 
 def bench_conv(ctx: BenchContext, res: SuiteResult, table: Table, dtype, channels: int, hw: int, batch: int):

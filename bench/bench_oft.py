@@ -16,10 +16,9 @@ import contextlib
 import copy
 
 import torch
-import torch.nn.functional as F
 
-from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS, OneLinear
-from .bench_lycoris import ConvBlock, build_pair, compare_pair
+from .bench_lora import CUDA_EXTRA_COLUMNS, LAYER_COLUMNS
+from .bench_lycoris import ConvBlock, build_pair, compare_pair, linear_case
 from .common import BenchContext, SuiteResult, Table, Target, dtype_name, register
 
 # row label -> (config class name in peft and fastpeft, kwargs with random adapter weights)
@@ -67,14 +66,8 @@ def _peft_boft_without_cuda_extension(device: str):
 
 
 def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int, tokens: int):
+    model, x, g, base_fwd, base_params = linear_case(ctx, dtype, d, tokens)
     dev = ctx.device
-    torch.manual_seed(1)
-    x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, d, device=dev, dtype=dtype)
-    torch.manual_seed(0)
-    model = OneLinear(d, d)
-    base = copy.deepcopy(model.proj).to(device=dev, dtype=dtype).requires_grad_(False)
-    W, b = base.weight, base.bias
     half = dtype in (torch.bfloat16, torch.float16)
     # half precision: the default set-up (model in bf16, get_peft_model keeps adapters in float32), and for
     # OFT also everything in bf16
@@ -84,7 +77,7 @@ def bench_linear(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: in
     for label, adapters_fp32 in rows:
         shown = label if adapters_fp32 or not half else f"{label}, {dtype_name(dtype)} adapters"
         compare_pair(ctx, res, table, dtype=dtype, case=shown, label=shown,
-                     base_fwd=lambda: F.linear(x, W, b), base_params=[W, b],
+                     base_fwd=base_fwd, base_params=base_params,
                      make_layers=lambda label=label, a=adapters_fp32: build_pair(
                          model, label, ["proj"], dtype, dev, methods=METHODS, adapters_fp32=a),
                      x=x, g=g, targets=_targets(label, dtype))
