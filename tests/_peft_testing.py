@@ -142,3 +142,17 @@ def close(a, b, tol=1e-5):
     scale = max(1.0, a.abs().max().item())
     err = (a.float() - b.float()).abs().max().item()
     assert err <= tol * scale, f"max abs difference {err:.3g} > {tol * scale:.3g}"
+
+
+class FakeFbdCuda:
+    """peft's fbd_cuda extension in plain PyTorch: blocks [N, D, H, H] -> block-diagonal [N, D*H, D*H]."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks.unbind(0)])]
+
+    @staticmethod
+    def backward(grad, blocks):
+        n, d, h, _ = blocks.shape
+        diagonal = torch.diagonal(grad.reshape(n, d, h, d, h), dim1=1, dim2=3)  # [N, H, H, D]
+        return [diagonal.permute(0, 3, 1, 2).contiguous()]

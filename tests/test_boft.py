@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from _peft_testing import (
-    close, comparable_config, inputs, logits, read_config, read_tensors, seeded_pair, tiny_gpt2, tiny_llama,
+    FakeFbdCuda, close, comparable_config, inputs, logits, read_config, read_tensors, seeded_pair, tiny_gpt2,
+    tiny_llama,
 )
 
 peft = pytest.importorskip("peft")
@@ -30,20 +31,6 @@ from fastpeft.tuners.boft import BOFTConfig, BOFTModel  # noqa: E402
 from fastpeft.tuners.boft.layer import butterfly_permutation  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
-
-
-class FakeFbdCuda:
-    """peft's fbd_cuda extension in plain PyTorch: blocks [N, D, H, H] -> block-diagonal [N, D*H, D*H]."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks.unbind(0)])]
-
-    @staticmethod
-    def backward(grad, blocks):
-        n, d, h, _ = blocks.shape
-        diagonal = torch.diagonal(grad.reshape(n, d, h, d, h), dim1=1, dim2=3)  # [N, H, H, D]
-        return [diagonal.permute(0, 3, 1, 2).contiguous()]
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,8 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from _peft_testing import FakeFbdCuda  # noqa: E402
+
 import fastpeft  # noqa: E402
 from fastpeft.tuners.base import BaseTunerLayer  # noqa: E402
 
@@ -69,21 +71,6 @@ PEFT_UNMERGED_WRONG = {"oft"}
 
 def targets_of(method: str) -> list[str]:
     return list(METHOD_TARGETS.get(method, TARGETS))
-
-
-class FakeFbdCuda:
-    """peft's fbd_cuda extension in plain PyTorch (copied from test_boft.py): blocks [N, D, H, H] -> block-diagonal
-    [N, D*H, D*H]."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks.unbind(0)])]
-
-    @staticmethod
-    def backward(grad, blocks):
-        n, d, h, _ = blocks.shape
-        diagonal = torch.diagonal(grad.reshape(n, d, h, d, h), dim1=1, dim2=3)  # [N, H, H, D]
-        return [diagonal.permute(0, 3, 1, 2).contiguous()]
 
 
 @pytest.fixture(autouse=True)
