@@ -1505,6 +1505,12 @@ def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
     return _ops.butterfly_rotate(x, rot, perm)
 
 
+def _check_rotate_grad_y(grad_y: Tensor, x: Tensor) -> None:
+    _check_same(grad_y, x, "grad_y", "x")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
+
+
 def _reference_rotate_grads(fn, grad_y, x, rot, extra, need_grad_x, need_grad_rot):
     with torch.enable_grad():
         xd = x.detach().requires_grad_(need_grad_x)
@@ -1521,9 +1527,7 @@ def block_diag_rotate_grads(
     shape), each ``None`` when not asked for; one kernel call, nothing recomputed. For layers that
     apply the rotation some other way in forward (e.g. folded into a weight) and need its backward."""
     _check_rotate(x, rot, 3)
-    _check_same(grad_y, x, "grad_y", "x")
-    if grad_y.shape != x.shape:
-        raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
+    _check_rotate_grad_y(grad_y, x)
     if not (need_grad_x or need_grad_rot):
         return None, None
     if not _use_kernel(x):
@@ -1540,9 +1544,7 @@ def butterfly_rotate_grads(
     _check_rotate(x, rot, 4)
     _check_perm_shape(perm, x, rot)
     _check_perm_values(perm)
-    _check_same(grad_y, x, "grad_y", "x")
-    if grad_y.shape != x.shape:
-        raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
+    _check_rotate_grad_y(grad_y, x)
     if not (need_grad_x or need_grad_rot):
         return None, None
     if not _use_kernel(x):
