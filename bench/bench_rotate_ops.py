@@ -122,4 +122,97 @@ def run(ctx: BenchContext) -> SuiteResult:
         table.notes.append(f"skipped at d={d} (d/b blocks not divisible by 2^(m-1)): {', '.join(skipped)}")
     res.meta["skipped"] = skipped
     res.tables.append(table)
+    res.tables.append(_bench_cayley(ctx, res, d))
     return res
+
+
+# ---- the Cayley transform (fastpeft.ops.cayley) ----------------------------------------------------------
+
+CAYLEY_COLUMNS = ["case", "blocks", "reference ms", "peft ms", "fastpeft ms", "vs reference", "vs peft", "status"]
+# (label, block size b, blocks as a function of d, Neumann terms (0: exact), BOFT's parametrisation)
+CAYLEY_CASES = [
+    ("OFT b=32 exact", 32, lambda d: d // 32, 0, False),
+    ("OFT b=32 Neumann 5", 32, lambda d: d // 32, 5, False),
+    ("BOFT b=4", 4, lambda d: d // 4, 0, True),
+    ("BOFT b=32", 32, lambda d: d // 32, 0, True),
+    ("BOFT b=8 m=2", 8, lambda d: 2 * (d // 8), 0, True),
+]
+
+
+def _bench_cayley(ctx: BenchContext, res: SuiteResult, d: int) -> Table:
+    """Rotation blocks from the trainable parameters, forward + backward (gradient to the parameters), as one
+    adapted layer of width d does once per training step: OFT from the upper-triangle vectors (peft's
+    OFTRotationModule._cayley_batch vs fastpeft's skew + ops.cayley), BOFT from the full blocks
+    (BOFTLayer.cayley_batch vs fastpeft's (R - R^T)/2 + ops.cayley); float32 (both libraries keep these
+    parameters in float32)."""
+    from fastpeft import ops
+    from fastpeft import reference as ref
+
+    table = Table(
+        f"Cayley transform of one layer's rotation blocks (d={d}), fwd+bwd to the parameters, fp32, {ctx.device}",
+        CAYLEY_COLUMNS,
+        notes=["OFT: upper-triangle vectors -> skew -> R; BOFT: blocks R -> (R - R^T)/2 -> cayley; reference: "
+               "fastpeft.reference.cayley on the same skew; peft: its own layer's function",
+               "vs reference / vs peft: median per-round reference_ms / fastpeft_ms and peft_ms / fastpeft_ms",
+               "status: 'ok' when fastpeft's R matched peft's (max abs err <= 1e-4)"],
+    )
+    try:
+        from peft.tuners.boft.layer import BOFTLayer
+        from peft.tuners.oft.layer import OFTRotationModule
+    except ImportError:
+        OFTRotationModule = BOFTLayer = None
+        table.notes.append("peft not installed: no peft column")
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    for label, b, blocks, terms, boft in CAYLEY_CASES:
+        n = blocks(d)
+        try:
+            if boft:
+                param = (torch.randn(n, b, b, generator=gen) * 0.05).to(ctx.device).requires_grad_(True)
+
+                def skew(p=param):
+                    return 0.5 * (p - p.transpose(1, 2))
+
+                peft_fn = (lambda p=param: BOFTLayer.cayley_batch(None, p)) if BOFTLayer else None
+            else:
+                n_el = b * (b - 1) // 2
+                rows, cols = torch.triu_indices(b, b, 1, device=ctx.device)
+                param = (torch.randn(n, n_el, generator=gen) * 0.05).to(ctx.device).requires_grad_(True)
+
+                def skew(p=param, rows=rows, cols=cols, b=b):
+                    upper = p.new_zeros(p.shape[0], b, b)
+                    upper[:, rows, cols] = p
+                    return upper - upper.transpose(1, 2)
+
+                peft_fn = None
+                if OFTRotationModule is not None:
+                    mod = OFTRotationModule(n, n_el, b, n * b, use_cayley_neumann=terms > 0,
+                                            num_cayley_neumann_terms=max(terms, 1)).to(ctx.device)
+
+                    def peft_fn(p=param, mod=mod, b=b, terms=terms):
+                        return mod._cayley_batch(p, b, terms > 0, terms)
+
+            g = torch.randn(n, b, b, generator=gen).to(ctx.device)
+            impls = {"reference": lambda: ref.cayley(skew(), terms), "fastpeft": lambda: ops.cayley(skew(), terms)}
+            if peft_fn is not None:
+                impls["peft"] = peft_fn
+            status = "ok"
+            if peft_fn is not None:
+                with torch.no_grad():
+                    err = (ops.cayley(skew(), terms) - peft_fn()).abs().max().item()
+                if err > 1e-4:
+                    status = f"MISMATCH {err:.1e}"
+                    res.errors.append(f"cayley {label}: fastpeft vs peft max abs err {err:.2e}")
+            steps = {k: (lambda f=f: torch.autograd.grad(f(), param, g)) for k, f in impls.items()}
+            ctx.log(f"cayley {label}: timing {', '.join(steps)}")
+            t = time_interleaved(steps, ctx.device, ctx.warmup, ctx.repeats, ctx.min_sample_ms)
+            row = table.add(case=label, blocks=n, **{"reference ms": t.median("reference"),
+                            "fastpeft ms": t.median("fastpeft"), "vs reference": t.ratio("reference", "fastpeft")},
+                            status=status)
+            if "peft" in steps:
+                row.update(**{"peft ms": t.median("peft"), "vs peft": t.ratio("peft", "fastpeft")})
+                res.ratios.append(Ratio(f"cayley {label}: fastpeft vs peft", t.ratio("peft", "fastpeft")))
+            row["timing"] = t.summary()
+        except Exception as exc:  # noqa: BLE001
+            res.errors.append(f"cayley {label}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+    return table
