@@ -78,6 +78,11 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.BOFT: "fastpeft.tuners.boft.config",
     PeftType.IA3: "fastpeft.tuners.ia3.config",
     PeftType.BITFIT: "fastpeft.tuners.bitfit.config",
+    PeftType.BOTTLENECK: "fastpeft.tuners.bottleneck.config",
+    PeftType.ADAPTION_PROMPT: "fastpeft.tuners.adaption_prompt.config",
+    PeftType.PROMPT_TUNING: "fastpeft.tuners.prompt_tuning.config",
+    PeftType.P_TUNING: "fastpeft.tuners.p_tuning.config",
+    PeftType.PREFIX_TUNING: "fastpeft.tuners.prefix_tuning.config",
 }
 
 

@@ -2,6 +2,7 @@
 from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, check_target_module_exists
 from .bitfit import BitFitConfig, BitFitModel
 from .boft import BOFTConfig, BOFTModel
+from .bottleneck import BottleneckConfig, BottleneckModel
 from .ia3 import IA3Config, IA3Model
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
@@ -11,12 +12,12 @@ from .oft import OFTConfig, OFTModel
 # peft_type -> tuner class (each method adds its entry here)
 PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
-    "IA3": IA3Model, "BITFIT": BitFitModel,
+    "IA3": IA3Model, "BITFIT": BitFitModel, "BOTTLENECK": BottleneckModel,
 }
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
-    "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel",
+    "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel", "BottleneckConfig", "BottleneckModel",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]
