@@ -47,16 +47,6 @@ class AdaptionPromptModel(BaseTuner):
     tuner_layer_cls = AdaptedAttention
     target_module_mapping = {k: v.target_modules for k, v in TRANSFORMERS_MODEL_CONFIG.items()}
 
-    def __init__(
-        self,
-        model: nn.Module,
-        configs: Union[AdaptionPromptConfig, dict[str, AdaptionPromptConfig]],
-        adapter_name: str = "default",
-        low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
-    ) -> None:
-        super().__init__(model, configs, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-
     # ---- injection -------------------------------------------------------------------------------------------------
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
