@@ -131,8 +131,8 @@ def test_from_peft_type_dispatch():
     assert isinstance(cfg, LoraConfig) and cfg.r == 4 and cfg.peft_type is PeftType.LORA
     with pytest.raises(ValueError, match="unknown peft_type"):
         PeftConfig.from_peft_type(peft_type="NOT_A_METHOD")
-    with pytest.raises(NotImplementedError, match="ADALORA"):
-        PeftConfig.from_peft_type(peft_type="ADALORA")  # a known type whose config is not registered yet
+    with pytest.raises(NotImplementedError, match="XLORA"):
+        PeftConfig.from_peft_type(peft_type="XLORA")  # a known type whose config is not registered yet
     base = PeftConfig(peft_type="LORA", task_type="SEQ_CLS")
     assert base.peft_type is PeftType.LORA and base.task_type is TaskType.SEQ_CLS
 

@@ -45,6 +45,8 @@ _LAZY = {
     "PromptEncoder": "fastpeft.tuners.p_tuning.model",
     "PrefixTuningConfig": "fastpeft.tuners.prefix_tuning.config",
     "PrefixEncoder": "fastpeft.tuners.prefix_tuning.model",
+    "AdaLoraConfig": "fastpeft.tuners.adalora.config",
+    "AdaLoraModel": "fastpeft.tuners.adalora.model",
     "PeftModel": "fastpeft.peft_model",
     "PeftModelForCausalLM": "fastpeft.peft_model",
     "PeftModelForSequenceClassification": "fastpeft.peft_model",

@@ -497,10 +497,39 @@ def set_peft_model_state_dict(
                 f"(found: {_fmt_keys(state_dict)})"
             )
         encoder = model.prompt_encoder[adapter_name]
+        # modules_to_save copies (e.g. a classifier head): checkpoint key -> model key, all of them required
+        model_sd = model.state_dict()
+        to_load, missing = {}, []
+        for name, module in model.named_modules():
+            if not is_aux_wrapper(module):
+                continue
+            name = _strip_fsdp(name)
+            for ckpt_rel, model_rel in _aux_load_map(module, adapter_name).items():
+                lookup, store = f"{name}.{ckpt_rel}", f"{name}.{model_rel}"
+                if lookup in state_dict:
+                    to_load[store] = state_dict.pop(lookup)
+                else:
+                    missing.append(lookup)
+        state_dict.pop("prompt_embeddings")
+        problems = []
+        if state_dict:
+            problems.append(f"{len(state_dict)} unexpected key(s): {_fmt_keys(state_dict)}")
+        if missing:
+            problems.append(f"{len(missing)} missing key(s) (modules_to_save weights): {_fmt_keys(missing)}")
+        bad = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in to_load.items()
+               if tuple(v.shape) != tuple(model_sd[k].shape)]
+        if bad:
+            problems.append("shape mismatch: " + ", ".join(f"{k}: checkpoint {a}, model {b}" for k, a, b in bad))
+        if problems:
+            raise AdapterCheckpointError(
+                f"checkpoint does not fit prompt-learning adapter {adapter_name!r}: " + "; ".join(problems)
+            )
         if hasattr(encoder, "_load_adapter_state_dict"):
-            encoder._load_adapter_state_dict(state_dict)
+            encoder._load_adapter_state_dict(peft_model_state_dict)
         else:
-            encoder.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
+            encoder.embedding.load_state_dict({"weight": peft_model_state_dict["prompt_embeddings"]}, strict=True)
+        if to_load:
+            model.load_state_dict(to_load, strict=False)
         return IncompatibleKeys([], [])
 
     # auxiliary wrappers: checkpoint key -> key with `modules_to_save.<adapter>.`

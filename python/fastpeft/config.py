@@ -83,6 +83,7 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.PROMPT_TUNING: "fastpeft.tuners.prompt_tuning.config",
     PeftType.P_TUNING: "fastpeft.tuners.p_tuning.config",
     PeftType.PREFIX_TUNING: "fastpeft.tuners.prefix_tuning.config",
+    PeftType.ADALORA: "fastpeft.tuners.adalora.config",
 }
 
 
@@ -344,3 +345,52 @@ def _to_json(value):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Base of the prompt-learning configs (prompt tuning, P-tuning, prefix tuning); peft's fields.
+
+    Args:
+        num_virtual_tokens: number of virtual tokens (>= 1).
+        token_dim: hidden size of the base model (filled in from the model's config when None).
+        num_transformer_submodules: 1 (decoder-only / encoder-only) or 2 (encoder-decoder); from the task type
+            when None.
+        num_attention_heads: attention heads of the base model (from the model's config when None).
+        num_layers: transformer layers of the base model (from the model's config when None).
+        modules_to_save: modules trained fully and saved with the adapter (e.g. a classifier head).
+    """
+
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Number of virtual tokens"})
+    token_dim: Optional[int] = field(
+        default=None, metadata={"help": "The hidden embedding dimension of the base transformer model"}
+    )
+    num_transformer_submodules: Optional[int] = field(
+        default=None, metadata={"help": "Number of transformer submodules"}
+    )
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads"})
+    num_layers: Optional[int] = field(default=None, metadata={"help": "Number of transformer layers"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "List of extra modules to be set as trainable and saved in the final checkpoint."},
+    )
+
+    def _post_init_prompt_learning(self, peft_type: "PeftType") -> None:
+        """The __post_init__ shared by the prompt-learning configs: field types, `peft_type`, value checks."""
+        PeftConfig.__post_init__(self)
+        self.peft_type = peft_type
+        name = type(self).__name__
+        if self.num_virtual_tokens is None:
+            raise ValueError(f"{name}.num_virtual_tokens must be set (a positive number of virtual tokens)")
+        for field_name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, field_name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}.{field_name} must be >= 1, got {value}")
+        if self.num_transformer_submodules is not None and self.num_transformer_submodules not in (1, 2):
+            raise ValueError(
+                f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules}"
+            )
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

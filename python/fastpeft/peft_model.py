@@ -54,7 +54,7 @@ _KNOWN_TUNERS = {
     "XLORA": ("fastpeft.tuners.xlora", "XLoraModel"),
     "ADAPTION_PROMPT": ("fastpeft.tuners.adaption_prompt", "AdaptionPromptModel"),
     "BITFIT": ("fastpeft.tuners.bitfit", "BitFitModel"),
-    "BOTTLENECK": ("fastpeft.tuners.adapter", "BottleneckModel"),
+    "BOTTLENECK": ("fastpeft.tuners.bottleneck", "BottleneckModel"),
 }
 
 
@@ -176,6 +176,62 @@ def _set_trainable(model: nn.Module, adapter_name: str, peft_config: PeftConfig)
     set_modules_to_save(model, peft_config, adapter_name, activate=True)
 
 
+def _first_attr(cfg, names):
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is None and isinstance(cfg, dict):
+            value = cfg.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _prepare_prompt_learning_config(peft_config: PeftConfig, model_config) -> PeftConfig:
+    """Fill in what the prompt-learning config leaves open from the model's config (as peft): ``num_layers``,
+    ``token_dim``, ``num_attention_heads``, ``num_transformer_submodules``, ``encoder_hidden_size``; for prefix tuning
+    on a model with grouped-query attention, the key/value heads and their size."""
+    name = type(peft_config).__name__
+    cfg = model_config
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    elif isinstance(cfg, dict) and "text_config" in cfg:
+        cfg = cfg["text_config"]
+    is_prefix = _peft_type_str(peft_config.peft_type) == "PREFIX_TUNING"
+    if peft_config.num_transformer_submodules is None:
+        peft_config.num_transformer_submodules = (
+            2 if _peft_type_str(peft_config.task_type) == "SEQ_2_SEQ_LM" else 1
+        )
+    fields = (
+        ("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
+        ("token_dim", ("hidden_size", "n_embd", "d_model")),
+        ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
+    )
+    for field_name, model_names in fields:
+        if getattr(peft_config, field_name) is None:
+            value = _first_attr(cfg, model_names) if cfg is not None else None
+            # prompt tuning / P-tuning only need token_dim; prefix tuning needs all three
+            if value is None and (is_prefix or field_name == "token_dim"):
+                raise ValueError(
+                    f"{name}: the model's config has none of {list(model_names)}; set `{field_name}` in the "
+                    f"{name} (the model's {'hidden size' if field_name == 'token_dim' else field_name.replace('_', ' ')})"
+                )
+            setattr(peft_config, field_name, value)
+    if is_prefix:
+        kv_heads = _first_attr(cfg, ("num_key_value_heads",)) if cfg is not None else None
+        if kv_heads is not None:  # grouped-query attention: the cache holds the key/value heads
+            head_dim = _first_attr(cfg, ("head_dim",)) or peft_config.token_dim // peft_config.num_attention_heads
+            peft_config.token_dim = head_dim * kv_heads
+            peft_config.num_attention_heads = kv_heads
+        if peft_config.token_dim % peft_config.num_attention_heads:
+            raise ValueError(
+                f"{name}: token_dim ({peft_config.token_dim}) must be divisible by num_attention_heads "
+                f"({peft_config.num_attention_heads}) to split the prefix into heads"
+            )
+    if hasattr(peft_config, "encoder_hidden_size") and peft_config.encoder_hidden_size is None:
+        peft_config.encoder_hidden_size = peft_config.token_dim
+    return peft_config
+
+
 class PeftModel(nn.Module):
     """A model with adapters; peft's ``PeftModel``.
 
@@ -205,24 +261,32 @@ class PeftModel(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_config(peft_config)
         _check_adapter_name(adapter_name)
-        if peft_config.is_prompt_learning:
-            raise NotImplementedError(
-                f"{_peft_type_str(peft_config.peft_type)}: prompt-learning methods are not supported by "
-                "fastpeft.PeftModel yet"
-            )
         self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
         # special PEFT arguments removed before calling the base model's forward
         self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
-        self._is_prompt_learning = False
+        self._is_prompt_learning = bool(peft_config.is_prompt_learning)
         self._peft_config = None
+        self._adapters_disabled = False
 
-        cls = _tuner_cls(peft_config.peft_type)
-        # low_cpu_mem_usage is the tuner's business (it may create the adapter weights on the meta device);
-        # loading then assigns the checkpoint tensors instead of copying into them.
-        self.base_model = _call(
-            cls, model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-        )
+        if self._is_prompt_learning:
+            # as peft: the model itself is `base_model` (no tuner, no injected layers); the prompt encoders live in
+            # `self.prompt_encoder`, one per adapter
+            if not isinstance(self, _PROMPT_LEARNING_CLASSES):
+                raise NotImplementedError(
+                    f"{_peft_type_str(peft_config.peft_type)}: prompt learning in fastpeft supports task_type "
+                    f"CAUSAL_LM, SEQ_CLS and SEQ_2_SEQ_LM (got task_type={_peft_type_str(peft_config.task_type)!r})"
+                )
+            self._peft_config = {}
+            self.base_model = model
+            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        else:
+            cls = _tuner_cls(peft_config.peft_type)
+            # low_cpu_mem_usage is the tuner's business (it may create the adapter weights on the meta device);
+            # loading then assigns the checkpoint tensors instead of copying into them.
+            self.base_model = _call(
+                cls, model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
 
         if hasattr(self.base_model, "_cast_adapter_dtype"):
             _call(
@@ -248,11 +312,16 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self.__dict__.get("_is_prompt_learning"):
+            return self._peft_config
         return self.base_model.peft_config
 
     @peft_config.setter
     def peft_config(self, value: dict[str, PeftConfig]) -> None:
-        self.base_model.peft_config = value
+        if self.__dict__.get("_is_prompt_learning"):
+            self._peft_config = value
+        else:
+            self.base_model.peft_config = value
 
     @property
     def active_adapters(self) -> list[str]:
@@ -274,6 +343,8 @@ class PeftModel(nn.Module):
 
     @property
     def has_active_enabled_adapter(self) -> bool:
+        if self._is_prompt_learning:
+            return not self._adapters_disabled
         return not self._adapters_disabled or not self.active_adapters
 
     @property
@@ -295,11 +366,11 @@ class PeftModel(nn.Module):
             )
 
     def get_base_model(self) -> nn.Module:
-        """The adapted model itself (``base_model.model``)."""
-        return self.base_model.model
+        """The adapted model itself (``base_model.model``; ``base_model`` for prompt learning, as peft)."""
+        return self.base_model if self._is_prompt_learning else self.base_model.model
 
     def _get_base_model_class(self, is_prompt_tuning: bool = False):
-        return self.base_model.model.__class__
+        return self.get_base_model().__class__
 
     def __getattr__(self, name: str) -> Any:
         """Forward missing attributes to the tuner (which forwards them to the wrapped model)."""
@@ -323,6 +394,11 @@ class PeftModel(nn.Module):
         return self._prepare_model_for_gradient_checkpointing(model)
 
     def _check_new_adapter_config(self, peft_config: PeftConfig, is_trainable: bool) -> None:
+        if peft_config.is_prompt_learning and is_trainable:
+            raise ValueError(
+                "Cannot set a prompt learning adapter to trainable when loading pretrained adapter (the checkpoint "
+                "holds the encoder's output, not the encoder; as peft)."
+            )
         all_configs = [peft_config] + list(self.peft_config.values())
         if len(all_configs) > 1:
             for init in ("pissa", "corda", "olora"):
@@ -351,6 +427,9 @@ class PeftModel(nn.Module):
                 "Cannot combine adapters with different peft types. "
                 f"Found {_peft_type_str(self.peft_type)} and {_peft_type_str(peft_config.peft_type)}."
             )
+        if self._is_prompt_learning:
+            self._add_prompt_learning_adapter(adapter_name, peft_config)
+            return
         try:
             self.peft_config[adapter_name] = peft_config
             _call(
@@ -376,6 +455,9 @@ class PeftModel(nn.Module):
             raise ValueError(
                 f"Adapter {adapter_name} does not exist (adapters: {sorted(self.peft_config)})"
             )
+        if self._is_prompt_learning:
+            self._delete_prompt_learning_adapter(adapter_name)
+            return
         self.base_model.delete_adapter(adapter_name)
         new_active = self.active_adapters
         if len(new_active) == 1:
@@ -386,6 +468,15 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found (adapters: {sorted(self.peft_config)}).")
         self.active_adapter = adapter_name
+        if self._is_prompt_learning:
+            # the prompt encoder is chosen at forward time; only the modules_to_save copies switch
+            if inference_mode:
+                self.prompt_encoder[adapter_name].requires_grad_(False)
+            for module in self._aux_wrappers():
+                name = module.check_set_adapter(adapter_name)
+                if name is not None and name in module.modules_to_save:
+                    module.set_adapter(name, inference_mode=inference_mode)
+            return
         _call(self.base_model.set_adapter, adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
@@ -393,6 +484,10 @@ class PeftModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._require_adapter(name)
+        if self._is_prompt_learning:
+            for name in names:
+                self.prompt_encoder[name].requires_grad_(requires_grad)
+            return
         if hasattr(self.base_model, "set_requires_grad"):
             self.base_model.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
             return
@@ -422,6 +517,23 @@ class PeftModel(nn.Module):
         ```
         """
         was_disabled = self._adapters_disabled
+        if self._is_prompt_learning:
+            # no prompt is added and the modules_to_save wrappers (e.g. a classifier head) use the original modules
+            wrappers = self._aux_wrappers()
+            grads = [(p, p.requires_grad) for w in wrappers for p in w.parameters()]
+            states = [(w, w.disable_adapters) for w in wrappers]
+            try:
+                for w in wrappers:
+                    w.enable_adapters(False)
+                self._adapters_disabled = True
+                yield
+            finally:
+                for w, disabled in states:
+                    w.enable_adapters(not disabled)
+                for p, flag in grads:
+                    p.requires_grad_(flag)
+                self._adapters_disabled = was_disabled
+            return
         enabled = self._layer_enabled_status()
         if enabled == "irregular":
             warnings.warn(
@@ -437,16 +549,253 @@ class PeftModel(nn.Module):
                 self.base_model.enable_adapter_layers()
             self._adapters_disabled = was_disabled
 
+    # ---- prompt learning (prompt tuning, P-tuning, prefix tuning) ------------------------------------------------
+
+    def _aux_wrappers(self) -> list[nn.Module]:
+        from .checkpoint import is_aux_wrapper
+
+        return [m for m in self.get_base_model().modules() if is_aux_wrapper(m)]
+
+    def _add_prompt_learning_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        if not peft_config.is_prompt_learning:
+            raise ValueError(f"Cannot add a {_peft_type_str(peft_config.peft_type)} adapter to a prompt-learning model")
+        self.peft_config[adapter_name] = peft_config
+        try:
+            _prepare_prompt_learning_config(peft_config, getattr(self.base_model, "config", None))
+            self._setup_prompt_encoder(adapter_name)
+            _set_trainable(self.base_model, adapter_name, peft_config)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            if "prompt_encoder" in self._modules and adapter_name in self.prompt_encoder:
+                del self.prompt_encoder[adapter_name]
+                self.prompt_tokens.pop(adapter_name, None)
+            raise
+
+    def _find_word_embeddings(self) -> nn.Module:
+        base = self.base_model
+        try:
+            emb = base.get_submodule("embeddings.word_embeddings")  # BERT-like models
+        except AttributeError:
+            emb = None
+        if emb is None and hasattr(base, "get_input_embeddings"):
+            try:
+                emb = base.get_input_embeddings()
+            except (AttributeError, NotImplementedError):
+                emb = None
+        if emb is None:
+            cfg = getattr(base, "config", None)
+            if cfg is not None and hasattr(cfg, "get_text_config"):
+                cfg = cfg.get_text_config()
+            vocab = getattr(cfg, "vocab_size", None)
+            for name, param in base.named_parameters():
+                if vocab is not None and param.dim() == 2 and param.shape[0] == vocab:
+                    emb = base.get_submodule(name.rpartition(".")[0])
+                    break
+        if not isinstance(emb, nn.Module) or not hasattr(emb, "weight"):
+            raise ValueError(
+                f"could not find the input word embeddings of {type(base).__name__} (tried "
+                "`embeddings.word_embeddings`, get_input_embeddings() and a parameter with vocab_size rows)"
+            )
+        return emb
+
+    def _setup_prompt_encoder(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        if "prompt_encoder" not in self._modules:
+            self.prompt_encoder = nn.ModuleDict({})
+            self.prompt_tokens: dict[str, torch.Tensor] = {}
+        self.base_model.requires_grad_(False)  # only the prompt encoder (and modules_to_save) train
+        self.transformer_backbone_name = next(
+            (n for n, m in self.base_model.named_children() if hasattr(m, "config") and hasattr(m, "forward")), None
+        )
+        self.word_embeddings = self._find_word_embeddings()
+        peft_type = _peft_type_str(config.peft_type)
+        if peft_type == "PROMPT_TUNING":
+            from .tuners.prompt_tuning.model import PromptEmbedding
+
+            encoder = PromptEmbedding(config, self.word_embeddings)
+        elif peft_type == "P_TUNING":
+            from .tuners.p_tuning.model import PromptEncoder
+
+            encoder = PromptEncoder(config)
+        elif peft_type == "PREFIX_TUNING":
+            if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):
+                raise ValueError("PREFIX_TUNING does not work with gradient checkpointing (as in peft).")
+            from .tuners.prefix_tuning.model import PrefixEncoder
+
+            encoder = PrefixEncoder(config)
+        else:
+            raise ValueError(f"prompt-learning method {peft_type} is not supported by fastpeft")
+        encoder = encoder.to(self.word_embeddings.weight.device)
+        if config.inference_mode:  # a loaded adapter is frozen (peft leaves it trainable)
+            encoder.requires_grad_(False)
+        self.prompt_encoder[adapter_name] = encoder
+        self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens * config.num_transformer_submodules)
+
+    def _delete_prompt_learning_adapter(self, adapter_name: str) -> None:
+        del self.peft_config[adapter_name]
+        del self.prompt_encoder[adapter_name]
+        self.prompt_tokens.pop(adapter_name, None)
+        remaining = list(self.peft_config)
+        for module in self._aux_wrappers():
+            module.delete_adapter(adapter_name, new_active_adapters=remaining[:1] or None)
+        if adapter_name == self.active_adapter:
+            if remaining:
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
+                )
+                self.active_adapter = remaining[0]
+            else:
+                self.active_adapter = []
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """What peft stores as ``prompt_embeddings``: the encoder's output for all virtual tokens (CPU, detached)."""
+        self._require_adapter(adapter_name)
+        with torch.no_grad():
+            return self.prompt_encoder[adapter_name].prompt().detach().cpu()
+
+    def _active_prompt_config(self) -> Optional[PeftConfig]:
+        """The active prompt-learning config, or None when prompts are not to be added (other methods, disabled)."""
+        if not self._is_prompt_learning or self._adapters_disabled:
+            return None
+        return self.active_peft_config
+
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
+                   max_cache_len: Optional[int] = None):
+        """The active adapter's prompt for a batch: ``[batch, tokens, dim]`` (a broadcast view, no copy) for prompt
+        tuning / P-tuning; a ``transformers`` cache holding the key/value prefixes for prefix tuning."""
+        config = self.active_peft_config
+        prompt = self.prompt_encoder[self.active_adapter].prompt()
+        if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
+            return self._prefix_cache(self._prefix_layers(prompt, batch_size), config)
+        return prompt.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _prefix_layers(self, flat: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[tokens, num_layers * 2 * token_dim]`` -> per decoder layer (key, value), each
+        ``[batch, heads, tokens, head_dim]`` (broadcast over the batch, no copy)."""
+        config = self.active_peft_config
+        dtype = self.base_model_torch_dtype
+        if dtype is not None and flat.dtype != dtype:
+            flat = flat.to(dtype)
+        n_layers, heads, tokens = config.num_layers, config.num_attention_heads, config.num_virtual_tokens
+        kv = flat.view(tokens, 2 * n_layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+        kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # [2 * layers, batch, heads, tokens, head_dim]
+        if config.num_transformer_submodules == 2:
+            # peft's layout for encoder-decoder models: the rows are duplicated ([k0 v0 k1 v1 ...] twice) and cut in
+            # groups of four (self key, self value, cross key, cross value); the cross-attention part is then
+            # dropped, so decoder layer i gets rows 4i and 4i + 1 (modulo 2 * layers)
+            rows = 2 * n_layers
+            return [(kv[(4 * i) % rows], kv[(4 * i + 1) % rows]) for i in range(n_layers)]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(n_layers)]
+
+    def _prefix_cache(self, layers, config):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cache = DynamicCache(layers)
+        if config.num_transformer_submodules == 2:
+            # the cross-attention cache starts empty: the encoder's keys/values are computed by the model
+            return EncoderDecoderCache(cache, DynamicCache())
+        return cache
+
+    def _fill_prefix_cache(self, cache, batch_size: int) -> None:
+        """Write the active prefix into an empty cache made by ``generate`` (in place, so that generate keeps using
+        its own cache object)."""
+        target = getattr(cache, "self_attention_cache", cache)
+        for layer_idx, (key, value) in enumerate(
+            self._prefix_layers(self.prompt_encoder[self.active_adapter].prompt(), batch_size)
+        ):
+            target.update(key, value, layer_idx)
+
+    def _generation_cache(self, model_kwargs: dict):
+        """(the key under which the model takes its cache, the cache of this decoding step or None). With
+        ``use_cache=False`` the cache the model returned last step is dropped: every step runs the whole sequence."""
+        keys = [k for k in ("cache", "past_key_values") if k in model_kwargs]
+        if model_kwargs.get("use_cache", True) is False:
+            for k in keys:
+                model_kwargs.pop(k)
+            keys = []
+        if keys:
+            return keys[0], model_kwargs[keys[0]]
+        return self._cache_kwarg(self.base_model) or "past_key_values", None
+
+    def _cache_kwarg(self, module: nn.Module) -> Optional[str]:
+        """The name under which ``module.forward`` takes a key/value cache (``cache`` in transformers >= 5.x)."""
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            return "cache"
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return "cache"
+        return None
+
+    def _check_prompt_inputs(self, input_ids, inputs_embeds, attention_mask, what: str = "attention_mask") -> int:
+        batch_size = _get_batch_size(input_ids, inputs_embeds)
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(
+                    f"{_peft_type_str(self.peft_type)}: {what} must be a 2-D [batch, sequence] tensor of the real "
+                    f"tokens (the virtual tokens are added internally), got {shape}"
+                )
+            if tuple(attention_mask.shape) != (batch_size, seq_len):
+                raise ValueError(
+                    f"{_peft_type_str(self.peft_type)}: {what} has shape {tuple(attention_mask.shape)}, expected "
+                    f"{(batch_size, seq_len)} (batch, sequence length of the inputs; the virtual tokens are added "
+                    "internally)"
+                )
+        return batch_size
+
+    @staticmethod
+    def _with_prefix_mask(mask: Optional[torch.Tensor], num_virtual_tokens: int) -> Optional[torch.Tensor]:
+        if mask is None:
+            return None
+        return torch.cat((mask.new_ones(mask.shape[0], num_virtual_tokens), mask), dim=1)
+
+    def _adjust_prompt_learning_kwargs(self, peft_config: PeftConfig, kwargs: dict,
+                                       remove_token_type_ids: bool = True) -> None:
+        """peft's treatment of position / token type ids: offset by the prefix length for prefix tuning, dropped
+        (with a warning) for the methods that insert virtual tokens."""
+        if kwargs.get("position_ids", None) is not None:
+            if _peft_type_str(peft_config.peft_type) == "PREFIX_TUNING":
+                kwargs["position_ids"] = kwargs["position_ids"] + peft_config.num_virtual_tokens
+            else:
+                warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+                kwargs["position_ids"] = None
+        if remove_token_type_ids and kwargs.get("token_type_ids", None) is not None:
+            warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+            kwargs["token_type_ids"] = None
+
+    def _embed_with_prompt(self, input_ids, inputs_embeds, batch_size: int, num_tokens: Optional[int] = None):
+        """``[prompt; embeddings]`` along the sequence; only the first ``num_tokens`` virtual tokens if given."""
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        prompts = self.get_prompt(batch_size)
+        if num_tokens is not None:
+            prompts = prompts[:, :num_tokens]
+        return torch.cat((prompts.to(inputs_embeds.dtype), inputs_embeds), dim=1)
+
     # ---- merging (forwarded to the tuner) ----------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge the active (or the given) adapters into the base weights; undo with :meth:`unmerge_adapter`."""
+        self._refuse_for_prompt_learning("merge_adapter")
         for name in adapter_names or []:
             self._require_adapter(name)
         _call(self.base_model.merge_adapter, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        self._refuse_for_prompt_learning("unmerge_adapter")
         self.base_model.unmerge_adapter()
+
+    def _refuse_for_prompt_learning(self, what: str) -> None:
+        if self._is_prompt_learning:
+            raise ValueError(
+                f"{what}: {_peft_type_str(self.peft_type)} adds virtual tokens / key-value prefixes, not weights "
+                "that can be merged into the model; use get_base_model() for the unchanged model"
+            )
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, **kwargs):
         """Merge the adapters into the base weights and return the base model without adapter layers.
@@ -454,6 +803,7 @@ class PeftModel(nn.Module):
         Extra keyword arguments go to the tuner's ``merge_and_unload`` (LoRA: ``requantize``, ``dtype`` for
         layers on NF4 weights, see :meth:`fastpeft.LoraModel.merge_and_unload`).
         """
+        self._refuse_for_prompt_learning("merge_and_unload")
         for name in adapter_names or []:
             self._require_adapter(name)
         return self.base_model.merge_and_unload(
@@ -462,6 +812,7 @@ class PeftModel(nn.Module):
 
     def unload(self):
         """Remove the adapter layers without merging; return the base model."""
+        self._refuse_for_prompt_learning("unload")
         return self.base_model.unload()
 
     # ---- parameters ----------------------------------------------------------------------------------------------
@@ -608,7 +959,7 @@ class PeftModel(nn.Module):
 
             # the config is saved with inference_mode=True and the base model's name
             if peft_config.base_model_name_or_path is None:
-                peft_config.base_model_name_or_path = self.base_model.model.__dict__.get("name_or_path", None) or None
+                peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             inference_mode = peft_config.inference_mode
             peft_config.inference_mode = True
             if peft_config.task_type is None:
@@ -673,8 +1024,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
         _check_config(config, "config")
 
+        if config.is_prompt_learning and is_trainable:
+            raise ValueError(
+                "Cannot set a prompt learning adapter to trainable when loading pretrained adapter (the checkpoint "
+                "holds the encoder's output, not the encoder; as peft)."
+            )
         if key_mapping is None:
-            key_mapping = getattr(model, "_checkpoint_conversion_mapping", {}) or {}
+            key_mapping = {} if config.is_prompt_learning else (getattr(model, "_checkpoint_conversion_mapping", {}) or {})
 
         if hasattr(config, "runtime_config"):
             config.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
@@ -796,6 +1152,11 @@ class _PeftModelWithClassifier(_PeftModelWithHead):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         return_dict = return_dict if return_dict is not None else _get_return_dict(self.config)
+        if self._active_prompt_config() is not None:
+            return self._prompt_classifier_forward(
+                input_ids, attention_mask, inputs_embeds, labels, output_attentions, output_hidden_states,
+                return_dict, self._strip_special(kwargs),
+            )
         return self._forward_base_model(
             kwargs,
             input_ids=input_ids,
@@ -806,6 +1167,32 @@ class _PeftModelWithClassifier(_PeftModelWithHead):
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
         )
+
+    def _prompt_classifier_forward(self, input_ids, attention_mask, inputs_embeds, labels, output_attentions,
+                                   output_hidden_states, return_dict, kwargs):
+        config = self.active_peft_config
+        batch_size = self._check_prompt_inputs(input_ids, inputs_embeds, attention_mask)
+        n = config.num_virtual_tokens
+        self._adjust_prompt_learning_kwargs(config, kwargs, remove_token_type_ids=False)
+        kwargs.update(
+            attention_mask=self._with_prefix_mask(attention_mask, n), labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
+            cache_kwarg = self._cache_kwarg(self.base_model)
+            if cache_kwarg is None:
+                raise ValueError(
+                    f"{type(self.base_model).__name__}.forward takes no cache (`cache` / `past_key_values`), which "
+                    "prefix tuning needs"
+                )
+            kwargs.pop("past_key_values", None)
+            kwargs[cache_kwarg] = self.get_prompt(batch_size)
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat((tt.new_zeros(batch_size, n), tt), dim=1).long()
+        inputs_embeds = self._embed_with_prompt(input_ids, inputs_embeds, batch_size)
+        return self.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
 class PeftModelForSequenceClassification(_PeftModelWithClassifier):
@@ -832,10 +1219,21 @@ class PeftModelForCausalLM(PeftModel):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = self.base_model.prepare_inputs_for_generation
+        self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning:
+            if self._adapters_disabled:
+                return self.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                    return_dict=return_dict, **self._strip_special(kwargs),
+                )
+            return self._prompt_causal_lm_forward(
+                input_ids, attention_mask, inputs_embeds, labels, output_attentions, output_hidden_states,
+                return_dict, self._strip_special(kwargs),
+            )
         if getattr(self.base_model.config, "model_type", None) == "mpt":
             if inputs_embeds is not None:
                 raise AssertionError("forward in MPTForCausalLM does not support inputs_embeds")
@@ -859,6 +1257,26 @@ class PeftModelForCausalLM(PeftModel):
             return_dict=return_dict,
         )
 
+    def _prompt_causal_lm_forward(self, input_ids, attention_mask, inputs_embeds, labels, output_attentions,
+                                  output_hidden_states, return_dict, kwargs):
+        config = self.active_peft_config
+        batch_size = self._check_prompt_inputs(input_ids, inputs_embeds, attention_mask)
+        n = config.num_virtual_tokens
+        self._adjust_prompt_learning_kwargs(config, kwargs)
+        kwargs.update(
+            attention_mask=self._with_prefix_mask(attention_mask, n), output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
+            cache_kwarg = self._cache_kwarg(self.base_model) or "past_key_values"
+            kwargs.pop("past_key_values", None)
+            kwargs[cache_kwarg] = self.get_prompt(batch_size)
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        if labels is not None:
+            labels = torch.cat((labels.new_full((batch_size, n), -100), labels), dim=1)
+        inputs_embeds = self._embed_with_prompt(input_ids, inputs_embeds, batch_size)
+        return self.base_model(inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
     def generate(self, *args, **kwargs):
         self.base_model.prepare_inputs_for_generation = self.prepare_inputs_for_generation
         if hasattr(self.base_model, "model"):
@@ -872,10 +1290,63 @@ class PeftModelForCausalLM(PeftModel):
         finally:
             self.base_model.prepare_inputs_for_generation = self.base_model_prepare_inputs_for_generation
 
-    def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
+    def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, inputs_embeds=None,
+                                      **kwargs):
+        # `inputs_embeds` is named so that generate() accepts it (it checks this signature)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
         model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
-        # cache_position is recreated by the model from the inputs (peft drops it for non-prefix methods)
+        config = self._active_prompt_config()
+        if config is None:
+            # cache_position is recreated by the model from the inputs (peft drops it for non-prefix methods)
+            model_kwargs.pop("cache_position", None)
+            return model_kwargs
+        return self._prompt_inputs_for_generation(config, model_kwargs, kwargs)
+
+    def _prompt_inputs_for_generation(self, config, model_kwargs: dict, kwargs: dict) -> dict:
+        """One decoding step's inputs with the prompt: the virtual tokens (or the key/value prefix) are added on the
+        first step only, when the cache is empty; the attention mask always gets the prefix's columns."""
+        from transformers import Cache
+
+        n = config.num_virtual_tokens
+        is_prefix = _peft_type_str(config.peft_type) == "PREFIX_TUNING"
+        cache_key, cache = self._generation_cache(model_kwargs)
+        # the cache tells whether the prompt is in already (without a cache every step runs the whole sequence)
+        first = cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0)
+        input_ids = model_kwargs.get("input_ids")
+        batch_size = (input_ids if input_ids is not None else model_kwargs["inputs_embeds"]).shape[0]
+
+        mask = model_kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 2:
+                raise ValueError(
+                    f"{_peft_type_str(config.peft_type)}: generate() needs a 2-D attention mask (got {mask.dim()}-D, "
+                    "e.g. from a static cache); use the default dynamic cache"
+                )
+            model_kwargs["attention_mask"] = self._with_prefix_mask(mask, n)
+
+        if is_prefix:
+            if model_kwargs.get("position_ids") is not None:
+                model_kwargs["position_ids"] = model_kwargs["position_ids"] + n
+            if first:
+                if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                    self._fill_prefix_cache(cache, batch_size)
+                else:
+                    model_kwargs[cache_key] = self.get_prompt(batch_size)
+                if model_kwargs.get("cache_position") is not None:
+                    model_kwargs["cache_position"] = model_kwargs["cache_position"] + n
+            return model_kwargs
+
+        # prompt tuning / P-tuning: positions follow the (longer) sequence, as in forward
+        model_kwargs.pop("position_ids", None)
         model_kwargs.pop("cache_position", None)
+        if model_kwargs.get("token_type_ids") is not None:
+            model_kwargs["token_type_ids"] = None
+        if first:
+            model_kwargs["inputs_embeds"] = self._embed_with_prompt(
+                input_ids, model_kwargs.get("inputs_embeds") if input_ids is None else None, batch_size
+            )
+            model_kwargs["input_ids"] = None
         return model_kwargs
 
 
@@ -884,7 +1355,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = self.base_model.prepare_inputs_for_generation
+        self.base_model_prepare_inputs_for_generation = getattr(self.base_model, "prepare_inputs_for_generation", None)
         self.base_model_prepare_encoder_decoder_kwargs_for_generation = getattr(
             self.base_model, "_prepare_encoder_decoder_kwargs_for_generation", None
         )
@@ -892,6 +1363,12 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning and not self._adapters_disabled:
+            return self._prompt_seq2seq_forward(
+                input_ids, attention_mask, inputs_embeds, decoder_input_ids, decoder_attention_mask,
+                decoder_inputs_embeds, labels, output_attentions, output_hidden_states, return_dict,
+                self._strip_special(kwargs),
+            )
         return self._forward_base_model(
             kwargs,
             input_ids=input_ids,
@@ -906,17 +1383,90 @@ class PeftModelForSeq2SeqLM(PeftModel):
             return_dict=return_dict,
         )
 
+    def _prompt_seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, decoder_input_ids,
+                                decoder_attention_mask, decoder_inputs_embeds, labels, output_attentions,
+                                output_hidden_states, return_dict, kwargs):
+        config = self.active_peft_config
+        batch_size = self._check_prompt_inputs(input_ids, inputs_embeds, attention_mask)
+        n = config.num_virtual_tokens
+        is_prefix = _peft_type_str(config.peft_type) == "PREFIX_TUNING"
+        if decoder_attention_mask is not None and decoder_attention_mask.dim() != 2:
+            raise ValueError(
+                f"{_peft_type_str(config.peft_type)}: decoder_attention_mask must be 2-D [batch, target length], "
+                f"got shape {tuple(decoder_attention_mask.shape)}"
+            )
+        if is_prefix:  # the decoder's self-attention sees the prefix
+            decoder_attention_mask = self._with_prefix_mask(decoder_attention_mask, n)
+        self._adjust_prompt_learning_kwargs(config, kwargs)
+        kwargs.update(
+            attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        if is_prefix:
+            cache_kwarg = self._cache_kwarg(self.base_model) or "past_key_values"
+            kwargs.pop("past_key_values", None)
+            kwargs[cache_kwarg] = self.get_prompt(batch_size)
+            return self.base_model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
+                decoder_inputs_embeds=decoder_inputs_embeds, **kwargs,
+            )
+        # prompt tuning / P-tuning: the encoder input gets the (first num_virtual_tokens) virtual tokens
+        kwargs["attention_mask"] = self._with_prefix_mask(attention_mask, n)
+        inputs_embeds = self._embed_with_prompt(input_ids, inputs_embeds, batch_size, num_tokens=n)
+        return self.base_model(
+            inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
+            decoder_inputs_embeds=decoder_inputs_embeds, **kwargs,
+        )
+
     def generate(self, **kwargs):
+        config = self._active_prompt_config()
         self.base_model.prepare_inputs_for_generation = self.prepare_inputs_for_generation
         try:
+            if config is not None:
+                return self._prompt_seq2seq_generate(config, dict(kwargs))
             with self._enable_peft_forward_hooks(**kwargs):
                 kwargs = self._strip_special(kwargs)
                 return self.base_model.generate(**kwargs)
         finally:
             self.base_model.prepare_inputs_for_generation = self.base_model_prepare_inputs_for_generation
 
+    def _prompt_seq2seq_generate(self, config, kwargs: dict):
+        kwargs = self._strip_special(kwargs)
+        kwargs.pop("task_ids", None)
+        if kwargs.get("input_ids") is None:
+            raise ValueError("input_ids must be provided for Peft model generation")
+        self._adjust_prompt_learning_kwargs(config, kwargs)
+        self._check_prompt_inputs(kwargs["input_ids"], None, kwargs.get("attention_mask"))
+        if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
+            return self.base_model.generate(**kwargs)  # the prefix goes into the cache on the first step
+        if "encoder_outputs" in kwargs:
+            del kwargs["encoder_outputs"]
+            warnings.warn("`encoder_outputs` should not be passed to `generate` when using prompt tuning. Ignoring it.")
+        input_ids = kwargs.pop("input_ids")
+        n = config.num_virtual_tokens
+        kwargs["inputs_embeds"] = self._embed_with_prompt(input_ids, None, input_ids.shape[0], num_tokens=n)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = self._with_prefix_mask(kwargs["attention_mask"], n)
+        return self.base_model.generate(**kwargs)
+
     def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
-        return self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+        model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+        config = self._active_prompt_config()
+        if config is not None and _peft_type_str(config.peft_type) == "PREFIX_TUNING":
+            from transformers import Cache
+
+            cache_key, cache = self._generation_cache(model_kwargs)
+            first = cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0)
+            if first:
+                batch_size = model_kwargs["decoder_input_ids"].shape[0]
+                if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                    self._fill_prefix_cache(cache, batch_size)
+                else:
+                    model_kwargs[cache_key] = self.get_prompt(batch_size)
+            mask = model_kwargs.get("decoder_attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                model_kwargs["decoder_attention_mask"] = self._with_prefix_mask(mask, config.num_virtual_tokens)
+        return model_kwargs
 
 
 class PeftModelForTokenClassification(_PeftModelWithClassifier):
@@ -1038,3 +1588,7 @@ def get_peft_model(
         autocast_adapter_dtype=autocast_adapter_dtype,
         low_cpu_mem_usage=low_cpu_mem_usage,
     )
+
+
+# the task classes that implement prompt learning (prompt tuning, P-tuning, prefix tuning)
+_PROMPT_LEARNING_CLASSES = (PeftModelForCausalLM, PeftModelForSequenceClassification, PeftModelForSeq2SeqLM)
