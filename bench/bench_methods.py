@@ -65,6 +65,7 @@ def methods(shape: Dict[str, int]) -> List[Method]:
     lora = dict(r=16, lora_alpha=32, target_modules="all-linear")
     return [
         Method("LoRA r16", "LoraConfig", lora),
+        Method("LoRA r64", "LoraConfig", dict(r=64, lora_alpha=128, target_modules="all-linear")),
         Method("DoRA r16", "LoraConfig", {**lora, "use_dora": True}),
         Method("QLoRA r16 (NF4 base)", "LoraConfig", lora, peft_has_it=False, quantize=True,
                note="merge re-quantises into NF4; peft+bitsandbytes is compared in the llama suite"),
@@ -161,6 +162,15 @@ def _model_bytes(model) -> int:
         return os.path.getsize(path)
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers in memory (each storage once)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), t.device)] = st.nbytes()
+    return sum(seen.values())
+
+
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -198,7 +208,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     full = copy.deepcopy(base).to(device=ctx.device, dtype=dtype)
     built: Dict[str, Dict[str, Any]] = {"full fine-tuning": {"fastpeft": full}}
     info: Dict[str, Dict[str, Any]] = {"full fine-tuning": dict(trainable=_trainable(full), disk=_model_bytes(full),
-                                                                mergeable=False, method=None)}
+                                                                weights=_weight_bytes(full), mergeable=False)}
     for method in methods(shape):
         if only and not any(method.label.startswith(o) for o in only):
             continue
@@ -225,7 +235,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         except Exception as exc:  # noqa: BLE001
             res.errors.append(f"{method.label}: save_pretrained failed: {type(exc).__name__}: {exc}")
             disk = None
-        info[method.label] = dict(trainable=_trainable(fm), disk=disk, mergeable=method.mergeable, method=method)
+        info[method.label] = dict(trainable=_trainable(fm), disk=disk, weights=_weight_bytes(fm),
+                                  mergeable=method.mergeable)
 
     # activation memory
     for label, models in built.items():
@@ -261,7 +272,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     t_infer = time_interleaved(infer, ctx.device, warmup=max(1, ctx.warmup - 1), repeats=max(3, ctx.repeats),
                                min_sample_ms=0.0)
 
-    cols = ["method", "trainable", "trainable %", "adapter MB", "ms/step", "tokens/s", "vs full x", "saved MB",
+    cols = ["method", "trainable", "trainable %", "adapter MB", "weights MB", "ms/step", "tokens/s", "vs full x", "saved MB",
             "infer ms", "merged ms", "peft ms/step", "vs peft x", "peft saved MB", "peft infer ms"]
     table = Table(
         f"Methods on Llama {shape['layers']}L h{shape['hidden']} i{shape['intermediate']} v{shape['vocab']} "
@@ -269,7 +280,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         f"train step (fwd+bwd+AdamW), {ctx.device}",
         cols,
         notes=["trainable %: of the base model's parameters; adapter MB: adapter_model.safetensors as saved "
-               "(full fine-tuning: the whole model)",
+               "(full fine-tuning: the whole model); weights MB: parameters and buffers in memory (base + adapters)",
                "ms/step: median of interleaved rounds over every row; vs full x: full fine-tuning ms / this ms",
                "saved MB: unique non-parameter storages saved for backward in one training forward",
                "infer ms: one no-grad forward over the batch, adapters unmerged; merged ms: after "
@@ -285,7 +296,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         i = info[label]
         ms = t_train.median(key)
         row = table.add(method=label, trainable=i["trainable"], **{
-            "trainable %": 100.0 * i["trainable"] / n_base, "adapter MB": mb(i["disk"]), "ms/step": ms,
+            "trainable %": 100.0 * i["trainable"] / n_base, "adapter MB": mb(i["disk"]),
+            "weights MB": mb(i["weights"]), "ms/step": ms,
             "tokens/s": tokens / (ms / 1e3), "vs full x": t_train.ratio(full_key, key),
             "saved MB": mb(i.get("saved_fastpeft")), "infer ms": t_infer.median(f"{label}|unmerged")})
         if f"{label}|merged" in infer:

@@ -33,7 +33,7 @@ import torch
 # Modules imported by bench.run so their @register decorators run. Add new suites here.
 SUITE_MODULES = [
     "bench.bench_lora", "bench.bench_llama", "bench.bench_nf4", "bench.bench_nf4_cuda", "bench.bench_lycoris",
-    "bench.bench_lycoris_ops", "bench.bench_oft", "bench.bench_ia3", "bench.bench_rotate_ops",
+    "bench.bench_lycoris_ops", "bench.bench_oft", "bench.bench_ia3", "bench.bench_rotate_ops", "bench.bench_methods",
 ]
 
 SUITES: Dict[str, Callable[["BenchContext"], "SuiteResult"]] = {}

@@ -222,3 +222,25 @@ def test_ia3_suite_quick_tiny(tmp_path):
     cases = {"ia3 output", "ia3 input (feedforward)"}
     assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in cases for i in ("base", "peft", "fastpeft")}
     assert {f"fp32 {c}: fastpeft over base" for c in cases} <= {r.label for r in res.ratios if r.kind == "overhead"}
+
+
+def test_methods_suite_quick_tiny(tmp_path):
+    """The comparison-of-methods table: a row per landed method, with every column measured."""
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.bfloat16], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"layers": 2, "hidden": 32, "intermediate": 64, "heads": 4, "vocab": 64, "seq": 8, "batch": 1},
+    )
+    run.load_suites()
+    from bench.bench_methods import methods
+
+    res = run.run_suite("methods", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = {r["method"]: r for r in json.loads((tmp_path / "methods-cpu.json").read_text())["tables"][0]["rows"]}
+    expected = methods(ctx.options)
+    assert set(rows) == {"full fine-tuning"} | {m.label for m in expected}
+    for m in expected:
+        row = rows[m.label]
+        assert row["trainable"] > 0 and row["weights MB"] > 0, m.label
+        assert row["adapter MB"] > 0 and row["ms/step"] > 0 and row["saved MB"] > 0 and row["infer ms"] > 0, m.label
+        assert ("merged ms" in row) == m.mergeable, m.label
+        assert ("vs peft x" in row) == (m.peft_has_it and not m.peft_needs_cuda), m.label
