@@ -50,6 +50,19 @@ TORCH_LIBRARY(fastpeft, m) {
       "dora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, Tensor weight_norm, Tensor u, Tensor z, float scaling, float dropout_p, "
       "Tensor seed, bool need_grad_x=True) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Multi-adapter LoRA mix (X-LoRA; formulas in csrc/common/multi_lora_impl.h and reference.py):
+  // y = base + sum_j scalings[:, j] * (x A_j^T) B_j^T over n adapters of one rank r (smaller ranks
+  // zero-padded): x [T, in], lora_A [n, r, in], lora_B [n, out, r], scalings [T, n] (x's dtype or
+  // float32; the per-token weight of each adapter with any per-adapter scale folded in), base
+  // [T, out] or None (then 0). One shrink GEMM over all adapters, a block scaling, one expand GEMM.
+  // Returns (y, u = x A_cat^T [T, n r], saved for backward).
+  m.def("multi_lora_mix(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor? base) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_A, grad_B, grad_scalings) through [T, n r] intermediates; grad_x is an
+  // empty [0] tensor unless need_grad_x, grad_A / grad_B unless need_grad_weights. grad_scalings has
+  // scalings' dtype. (grad_base is grad_y.)
+  m.def(
+      "multi_lora_mix_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scalings, "
+      "Tensor u, bool need_grad_x=True, bool need_grad_weights=True) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- nf4 family --------------------------------------------------------------------------
   // bitsandbytes 0.50.2's NF4 bytes (formulas in csrc/common/nf4_impl.h and reference.py).

@@ -26,6 +26,7 @@ __all__ = [
     "new_dropout_seed",
     "seeded_dropout",
     "lora_linear",
+    "multi_lora_mix",
     "dora_linear",
     "dora_weight_norm",
     "nf4_quantize",
@@ -339,6 +340,128 @@ def lora_linear(
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y, _ = _ops.lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+# ---- multi-adapter LoRA mix (X-LoRA) ---------------------------------------------------------------
+#
+# y = base + sum_j s[:, j] * (x A_j^T) B_j^T over n adapters (csrc/common/multi_lora_impl.h): one shrink GEMM
+# over all adapters, a per-adapter block scaling, one expand GEMM onto base.
+
+
+def _multi_lora_check(x, lora_A, lora_B, scalings, base) -> Tuple[int, int, int, int]:
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    _check_tensor(lora_A, "lora_A", 3)
+    _check_tensor(lora_B, "lora_B", 3)
+    _check_same(lora_A, x, "lora_A", "x")
+    _check_same(lora_B, x, "lora_B", "x")
+    n, r, in_f = lora_A.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"'lora_A' has in_features {in_f} but 'x' has last dim {x.shape[-1]} (lora_A is [n, r, in])")
+    if lora_B.shape[0] != n or lora_B.shape[2] != r:
+        raise ValueError(
+            f"'lora_B' has shape {tuple(lora_B.shape)} but must be [n={n}, out, r={r}] to match 'lora_A' "
+            f"{tuple(lora_A.shape)}"
+        )
+    out_f = lora_B.shape[1]
+    _check_tensor(scalings, "scalings")
+    if scalings.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"'scalings' must have x's dtype ({x.dtype}) or float32, got {scalings.dtype}")
+    if scalings.device != x.device:
+        raise ValueError(f"'scalings' is on {scalings.device} but 'x' is on {x.device}; move them to one device")
+    if tuple(scalings.shape) != (*x.shape[:-1], n):
+        raise ValueError(
+            f"'scalings' has shape {tuple(scalings.shape)} but must be {(*x.shape[:-1], n)} (x's leading dims, "
+            "then one weight per adapter)"
+        )
+    if base is not None:
+        _check_tensor(base, "base")
+        _check_same(base, x, "base", "x")
+        if tuple(base.shape) != (*x.shape[:-1], out_f):
+            raise ValueError(f"'base' has shape {tuple(base.shape)} but must be {(*x.shape[:-1], out_f)}")
+    return n, r, in_f, out_f
+
+
+@torch.library.register_fake("fastpeft::multi_lora_mix")
+def _multi_lora_mix_fake(x, lora_A, lora_B, scalings, base):
+    _fake_2d(x, "x")
+    n, r, _, out_f = _multi_lora_check(x, lora_A, lora_B, scalings, base)
+    return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0], n * r))
+
+
+@torch.library.register_fake("fastpeft::multi_lora_mix_backward")
+def _multi_lora_mix_backward_fake(grad_y, x, lora_A, lora_B, scalings, u, need_grad_x=True, need_grad_weights=True):
+    _fake_2d(x, "x")
+    _multi_lora_check(x, lora_A, lora_B, scalings, None)
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    ga = lora_A.new_empty(lora_A.shape) if need_grad_weights else x.new_empty((0,))
+    gb = lora_B.new_empty(lora_B.shape) if need_grad_weights else x.new_empty((0,))
+    return gx, ga, gb, scalings.new_empty(scalings.shape)
+
+
+def _multi_lora_setup(ctx, inputs, output):
+    x, lora_A, lora_B, scalings, _base = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, lora_A, lora_B, scalings, u)
+
+
+def _multi_lora_backward(ctx, grad_y, _grad_u):
+    if grad_y is None:
+        return (None,) * 5
+    x, lora_A, lora_B, scalings, u = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx = ga = gb = gs = None
+    if need[0] or need[1] or need[2] or need[3]:
+        gx, ga, gb, gs = _ops.multi_lora_mix_backward(
+            grad_y, x, lora_A, lora_B, scalings, u, bool(need[0]), bool(need[1] or need[2])
+        )
+    return (
+        gx if need[0] else None,
+        ga if need[1] else None,
+        gb if need[2] else None,
+        gs if need[3] else None,
+        grad_y if need[4] else None,
+    )
+
+
+torch.library.register_autograd("fastpeft::multi_lora_mix", _multi_lora_backward, setup_context=_multi_lora_setup)
+
+
+def multi_lora_mix(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, base: Optional[Tensor] = None
+) -> Tensor:
+    """Mix n LoRA adapters with per-token weights in one op: ``base + sum_j scalings[..., j] * B_j(A_j(x))``.
+
+    Args:
+        x: ``[..., in]`` input (any leading dims, any strides, zero rows allowed).
+        lora_A: ``[n, r, in]``, the adapters' A matrices stacked; lora_B: ``[n, out, r]``. Adapters of a
+            smaller rank are zero-padded to the largest r (zero rows of A / columns of B add nothing).
+        scalings: ``[..., n]`` (x's leading dims): each token's weight for each adapter, with any per-adapter
+            scale (lora_alpha / r, X-LoRA's global weight) already multiplied in; x's dtype or float32.
+        base: ``[..., out]`` added to the result (e.g. the base layer's output; the expand GEMM accumulates
+            onto it), or None.
+
+    x, lora_A, lora_B and base share one dtype (float32, bfloat16, float16 or float64) and device. Computed as
+    one shrink GEMM over all adapters (``u = x A_cat^T``, [T, n r]), a per-adapter block scaling in op-math, and
+    one expand GEMM: no per-adapter loop and no [T, n, out] temporary. Gradients flow to x, lora_A, lora_B,
+    scalings (X-LoRA trains its classifier through them) and base; backward saves x, the weights, scalings and
+    the rank-sized u.
+    """
+    n, r, in_f, out_f = _multi_lora_check(x, lora_A, lora_B, scalings, base)
+    if not _use_kernel(x):
+        return _ref.multi_lora_mix(x, lora_A, lora_B, scalings, base)
+    lead = x.shape[:-1]
+    if x.dim() == 2:
+        y, _ = _ops.multi_lora_mix(x, lora_A, lora_B, scalings, base)
+        return y
+    x2 = x.reshape(-1, in_f)
+    s2 = scalings.reshape(-1, n)
+    b2 = None if base is None else base.reshape(-1, out_f)
+    y, _ = _ops.multi_lora_mix(x2, lora_A, lora_B, s2, b2)
+    return y.reshape(*lead, out_f)
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:

@@ -30,6 +30,9 @@ __all__ = [
     "lora_forward",
     "lora_backward",
     "lora_linear",
+    "multi_lora_mix_forward",
+    "multi_lora_mix_backward",
+    "multi_lora_mix",
     "dora_weight_norm",
     "dora_forward",
     "dora_backward",
@@ -148,6 +151,48 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     """Differentiable reference of ``fastpeft.ops.lora_linear`` (any leading dims on x)."""
     xd = _drop(x, dropout_p, seed)
     return torch.nn.functional.linear(x, weight, bias) + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+
+
+# ---- multi-adapter LoRA mix (X-LoRA) ----------------------------------------------------------------
+
+
+def multi_lora_mix_forward(x, lora_A, lora_B, scalings, base=None) -> Tuple[Tensor, Tensor]:
+    """(y, u) of the multi-adapter mix: x [T, in], lora_A [n, r, in], lora_B [n, out, r], scalings [T, n],
+    base [T, out] or None. ``u = x A_cat^T`` ([T, n r], A_cat = lora_A viewed [n r, in]);
+    ``y = base + sum_j scalings[:, j] * (x A_j^T) B_j^T``, the block scaling done in op-math and rounded
+    to x's dtype once."""
+    n, r, d_in = lora_A.shape
+    u = x @ lora_A.reshape(n * r, d_in).t()
+    v = (u.to(_opmath(x.dtype)).reshape(-1, n, r) * scalings.to(_opmath(x.dtype)).unsqueeze(-1)).to(x.dtype)
+    y = v.reshape(-1, n * r) @ lora_B.transpose(1, 2).reshape(n * r, -1)
+    return (y if base is None else base + y), u
+
+
+def multi_lora_mix_backward(grad_y, x, lora_A, lora_B, scalings, u):
+    """(grad_x, grad_A, grad_B, grad_scalings) of multi_lora_mix_forward's y."""
+    n, r, d_in = lora_A.shape
+    out = lora_B.shape[1]
+    gv = (grad_y @ lora_B.permute(1, 0, 2).reshape(out, n * r)).reshape(-1, n, r)
+    s = scalings.unsqueeze(-1).to(gv.dtype)
+    gu = (gv * s).reshape(-1, n * r)
+    v = (u.reshape(-1, n, r) * s).reshape(-1, n * r)
+    grad_s = (gv * u.reshape(-1, n, r)).sum(-1).to(scalings.dtype)
+    grad_x = gu @ lora_A.reshape(n * r, d_in)
+    grad_A = (gu.t() @ x).reshape(n, r, d_in)
+    grad_B = (grad_y.t() @ v).reshape(out, n, r).permute(1, 0, 2).contiguous()
+    return grad_x, grad_A, grad_B, grad_s
+
+
+def multi_lora_mix(x, lora_A, lora_B, scalings, base=None) -> Tensor:
+    """Differentiable reference of ``fastpeft.ops.multi_lora_mix`` (any leading dims on x and scalings): the
+    per-adapter sum written out, ``base + sum_j s_j * (x A_j^T) B_j^T``."""
+    y = None
+    for j in range(lora_A.shape[0]):
+        term = scalings[..., j : j + 1].to(x.dtype) * ((x @ lora_A[j].t()) @ lora_B[j].t())
+        y = term if y is None else y + term
+    if y is None:
+        y = x.new_zeros((*x.shape[:-1], lora_B.shape[1]))
+    return y if base is None else base + y
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> Tensor:
