@@ -47,6 +47,8 @@ _LAZY = {
     "PrefixEncoder": "fastpeft.tuners.prefix_tuning.model",
     "AdaLoraConfig": "fastpeft.tuners.adalora.config",
     "AdaLoraModel": "fastpeft.tuners.adalora.model",
+    "XLoraConfig": "fastpeft.tuners.xlora.config",
+    "XLoraModel": "fastpeft.tuners.xlora.model",
     "PeftModel": "fastpeft.peft_model",
     "PeftModelForCausalLM": "fastpeft.peft_model",
     "PeftModelForSequenceClassification": "fastpeft.peft_model",

@@ -151,7 +151,7 @@ def _tuner_key_prefixes(model: nn.Module, adapter_name: Optional[str] = None) ->
             + [n for n, _ in module.named_buffers(recurse=False)]
         )
         for attr in attr_names:
-            if attr in ("base_layer", "model"):
+            if attr in ("base_layer", "model", "lora_model"):  # lora_model: the LoraModel inside X-LoRA's XLoraModel
                 continue
             prefix = f"{module_name}.{attr}" if module_name else attr
             child = getattr(module, attr, None)

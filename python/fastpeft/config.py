@@ -84,6 +84,7 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.P_TUNING: "fastpeft.tuners.p_tuning.config",
     PeftType.PREFIX_TUNING: "fastpeft.tuners.prefix_tuning.config",
     PeftType.ADALORA: "fastpeft.tuners.adalora.config",
+    PeftType.XLORA: "fastpeft.tuners.xlora.config",
 }
 
 

@@ -989,6 +989,9 @@ class PeftModel(nn.Module):
             finally:
                 peft_config.inference_mode = inference_mode
 
+        if hasattr(self.base_model, "_save_experts"):  # X-LoRA: its LoRA experts, one directory each (as peft)
+            self.base_model._save_experts(save_directory, is_main_process=is_main_process)
+
     def push_to_hub(self, *args, **kwargs):
         raise NotImplementedError(
             "fastpeft does not upload to the Hugging Face Hub; save_pretrained to a directory and upload it with "
@@ -1023,6 +1026,11 @@ class PeftModel(nn.Module):
         else:
             raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
         _check_config(config, "config")
+        if _peft_type_str(config.peft_type) == "XLORA":
+            # X-LoRA: where its LoRA experts are loaded from (`adapters=` name -> directory, else as stored)
+            from .tuners.xlora.model import resolve_expert_paths
+
+            resolve_expert_paths(config, os.path.join(os.fspath(model_id), subfolder or ""), kwargs.pop("adapters", None))
 
         if config.is_prompt_learning and is_trainable:
             raise ValueError(

@@ -9,18 +9,19 @@ from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .oft import OFTConfig, OFTModel
+from .xlora import XLoraConfig, XLoraModel
 
 # peft_type -> tuner class (each method adds its entry here)
 PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
     "IA3": IA3Model, "BITFIT": BitFitModel, "BOTTLENECK": BottleneckModel,
-    "ADAPTION_PROMPT": AdaptionPromptModel,
+    "ADAPTION_PROMPT": AdaptionPromptModel, "XLORA": XLoraModel,
 }
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel", "BottleneckConfig", "BottleneckModel",
-    "AdaptionPromptConfig", "AdaptionPromptModel",
+    "AdaptionPromptConfig", "AdaptionPromptModel", "XLoraConfig", "XLoraModel",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]
