@@ -244,3 +244,20 @@ def test_methods_suite_quick_tiny(tmp_path):
         assert row["adapter MB"] > 0 and row["ms/step"] > 0 and row["saved MB"] > 0 and row["infer ms"] > 0, m.label
         assert ("merged ms" in row) == m.mergeable, m.label
         assert ("vs peft x" in row) == (m.peft_has_it and not m.peft_needs_cuda), m.label
+
+
+def test_xlora_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"layers": 1, "hidden": 32, "intermediate": 48, "heads": 4, "vocab": 64, "seq": 8, "batch": 1,
+                 "r": 2, "experts": 3},
+    )
+    run.load_suites()
+    assert "xlora" in common.SUITES
+    res = run.run_suite("xlora", ctx, str(tmp_path), plot=False)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "xlora-cpu.json").read_text())["tables"][0]["rows"]
+    assert [r["impl"] for r in rows] == ["base", "peft", "fastpeft"]
+    fast = rows[-1]
+    assert fast["status"] in ("PASS", "MISS") and fast["speedup"] > 0 and fast["max |diff|"] < 1e-4
+    assert any(r.label.startswith("xlora 3 experts") for r in res.ratios)

@@ -268,14 +268,20 @@ def test_disable_adapter_and_direct_call(experts):
         torch.testing.assert_close(ours.base_model(**batch).logits, pp.base_model(**batch).logits, atol=2e-5, rtol=1e-5)
 
 
-def test_other_expert_names(experts):
+def test_other_expert_names(experts, tmp_path):
     # peft 0.21 raises a KeyError for expert names other than "0", "1", ...; fastpeft takes any names
     _, ours = build_pair(experts, layerwise_scalings=True)
     named = {"math": experts["0"], "code": experts["1"], "chat": experts["2"]}
     other = fastpeft.get_peft_model(tiny_llama(use_cache=False), _config(fastpeft, named, layerwise_scalings=True))
     other.load_state_dict(_classifier_sd(ours), strict=False)
-    torch.testing.assert_close(fwd(other, inputs()), fwd(ours, inputs()))
+    want = fwd(ours, inputs())
+    torch.testing.assert_close(fwd(other, inputs()), want)
     assert any(".lora_A.math." in k for k in other.state_dict())
+    # the experts' order (= the classifier's output order) survives the round trip (not sorted by name)
+    other.save_pretrained(str(tmp_path / "x"))
+    back = fastpeft.PeftModel.from_pretrained(tiny_llama(use_cache=False), str(tmp_path / "x"))
+    assert list(back.base_model.xlora_config.adapters) == ["math", "code", "chat"]
+    torch.testing.assert_close(fwd(back, inputs()), want)
 
 
 def test_use_cache_and_bad_expert(experts, tmp_path):

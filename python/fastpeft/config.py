@@ -259,7 +259,7 @@ class PeftConfig:
         auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping_dict is not None:
             output["auto_mapping"] = auto_mapping_dict
-        text = json.dumps(output, indent=2, sort_keys=True)
+        text = self._config_json(output)
         fd, tmp = tempfile.mkstemp(prefix=".adapter_config.", suffix=".tmp", dir=save_directory)
         try:
             with os.fdopen(fd, "w") as f:
@@ -271,6 +271,10 @@ class PeftConfig:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def _config_json(self, output: dict) -> str:
+        """The text of `adapter_config.json` (peft's layout: keys sorted at every level)."""
+        return json.dumps(output, indent=2, sort_keys=True)
 
     @classmethod
     def from_json_file(cls, path_json_file: str) -> dict:

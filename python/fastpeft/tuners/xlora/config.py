@@ -1,6 +1,7 @@
 """`XLoraConfig`: peft's X-LoRA config, field for field, with its defaults and warnings."""
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -70,3 +71,7 @@ class XLoraConfig(PeftConfig):
             )
         if self.top_k_lora is not None and self.top_k_lora < 1:
             warnings.warn("`top_k_lora` value must be at least 1.")
+
+    def _config_json(self, output: dict) -> str:
+        # The order of `adapters` is the order of the classifier's outputs: keep it (the other keys sorted).
+        return json.dumps(dict(sorted(output.items())), indent=2)

@@ -8,7 +8,8 @@ Structure (as peft): `XLoraModel.lora_model` is a `LoraModel` holding every expe
 
 Forward (inside `PeftModel.forward` / `generate`, which enter `_enable_peft_forward_hooks`): a forward pre-hook
 on the base model first runs the scaling pass (no grad, all expert weights = the scaling pass value, the last
-hidden state requested), feeds its last hidden state to the classifier, and then lets the real forward run
+hidden state requested; for a transformers model with a head only its backbone runs, as the head's output is
+not used), feeds its last hidden state to the classifier, and then lets the real forward run
 with the classifier's scalings [batch, seq, n_layers, n_experts] in every LoRA layer. With a scaling pass value
 of 0 (the default) the experts add exactly nothing in the scaling pass, so it runs as the bare base model.
 
@@ -38,6 +39,7 @@ from .config import XLoraConfig
 from .layer import XLoraConv2dLayer, XLoraEmbeddingLayer, XLoraLinearLayer, _ConstantScalings
 
 _CLASSIFIER = "internal_xlora_classifier"
+_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_logits_to_keep")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -199,12 +201,20 @@ class XLoraModel(BaseTuner):
             lambda: classifier.make_dummy_scalings(input_ids=input_ids, inputs_embeds=inputs_embeds),
         )
         pass_kwargs = dict(kwargs)
-        pass_kwargs.pop("labels", None)  # the loss is not needed, only the hidden states
+        for key in _HEAD_ONLY_KWARGS:  # only the last hidden state is needed: no loss, no logits
+            pass_kwargs.pop(key, None)
         pass_kwargs["output_hidden_states"] = True
         pass_kwargs["return_dict"] = True
+        # A transformers model with a head (e.g. LlamaForCausalLM): run its backbone only (the same hidden
+        # states; the head's output, often a vocabulary-sized GEMM, is not used). Otherwise the whole model.
+        backbone = getattr(module, "base_model", None)
+        use_backbone = isinstance(backbone, nn.Module) and backbone is not module and len(args) <= 1
         try:
             with torch.no_grad():
-                base_output = module.forward(*args, **pass_kwargs)  # .forward: this hook does not run again
+                if use_backbone:
+                    base_output = backbone(*args, **pass_kwargs)
+                else:
+                    base_output = module.forward(*args, **pass_kwargs)  # .forward: this hook does not run again
             scalings = classifier(base_output, input_ids=input_ids, inputs_embeds=inputs_embeds)
         except BaseException:
             self._scalings_state = None
