@@ -369,3 +369,33 @@ def test_bf16_matches_peft(experts):
     lp, lo = fwd(pp, batch), fwd(ours, batch)
     assert lo.dtype == torch.bfloat16
     torch.testing.assert_close(lo.float(), lp.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_training_the_classifier_reduces_the_loss(experts):
+    _, ours = build_pair(experts, xlora_depth=2, xlora_size=16, layerwise_scalings=True, top_k_lora=2)
+    ours.train()
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert trainable and all(any(p is q for q in ours.base_model.internal_xlora_classifier.parameters()) for p in trainable)
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    batch = dict(inputs(), labels=inputs()["input_ids"])
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = ours(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_plain_peft_model_without_task_type(experts):
+    cfg = dict(hidden_size=32, adapters=dict(experts), layerwise_scalings=True)
+    pp = peft.PeftModel(tiny_llama(use_cache=False), peft.XLoraConfig(**cfg))
+    ours = fastpeft.PeftModel(tiny_llama(use_cache=False), fastpeft.XLoraConfig(**cfg))
+    ours.load_state_dict(_classifier_sd(pp), strict=False)
+    batch = inputs()
+    with torch.no_grad():
+        want = pp(**batch).logits
+        torch.testing.assert_close(ours(**batch).logits, want, atol=2e-5, rtol=1e-5)
+        # positional arguments (the whole model runs in the scaling pass then)
+        torch.testing.assert_close(ours(batch["input_ids"], batch["attention_mask"]).logits, want, atol=2e-5, rtol=1e-5)
