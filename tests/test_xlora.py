@@ -399,3 +399,18 @@ def test_plain_peft_model_without_task_type(experts):
         torch.testing.assert_close(ours(**batch).logits, want, atol=2e-5, rtol=1e-5)
         # positional arguments (the whole model runs in the scaling pass then)
         torch.testing.assert_close(ours(batch["input_ids"], batch["attention_mask"]).logits, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_embedding_experts_match_peft(tmp_path):
+    # LoRA on embed_tokens: the layer runs peft's per-expert math (counted in the layer numbering as peft does)
+    paths = {}
+    for i, targets in enumerate([["embed_tokens", "q_proj"], ["embed_tokens", "v_proj"]]):
+        m = peft.get_peft_model(tiny_llama(use_cache=False), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        randomize_adapter(m, seed=40 + i)
+        m.save_pretrained(str(tmp_path / str(i)))
+        paths[str(i)] = str(tmp_path / str(i))
+    pp, ours = build_pair(paths, layerwise_scalings=True, top_k_lora=1)
+    batch = inputs()
+    torch.testing.assert_close(fwd(ours, batch), fwd(pp, batch), atol=2e-5, rtol=1e-5)
+    assert ours.base_model.get_latest_scalings().shape == (2, 7, 5, 2)
