@@ -414,3 +414,23 @@ def test_embedding_experts_match_peft(tmp_path):
     batch = inputs()
     torch.testing.assert_close(fwd(ours, batch), fwd(pp, batch), atol=2e-5, rtol=1e-5)
     assert ours.base_model.get_latest_scalings().shape == (2, 7, 5, 2)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lora_bias_experts_match_peft(tmp_path):
+    # a LoRA bias is added unweighted by the scalings (also in the scaling pass): the per-expert loop
+    paths = {}
+    for i in range(2):
+        m = peft.get_peft_model(tiny_llama(use_cache=False),
+                                peft.LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]))
+        randomize_adapter(m, seed=50 + i)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n and n.endswith("bias"):
+                    p.normal_(0, 0.3)
+        m.save_pretrained(str(tmp_path / str(i)))
+        paths[str(i)] = str(tmp_path / str(i))
+    pp, ours = build_pair(paths, global_scaling_weight=0.6)
+    batch = inputs()
+    torch.testing.assert_close(fwd(ours, batch), fwd(pp, batch), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.base_model.get_latest_scalings(), pp.base_model.get_latest_scalings())

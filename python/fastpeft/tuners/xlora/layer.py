@@ -84,7 +84,7 @@ class XLoraLayer:
             return None, 1.0
         if isinstance(state, _ConstantScalings):
             if state.value == 0:
-                return "skip", 0.0
+                return "skip", self.config.global_scaling_weight
             state = state.tensor()
         return self.get_maybe_topk_scalings(state), self.config.global_scaling_weight
 
