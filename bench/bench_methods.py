@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .bench_adalora import freeze_peft_ranknum
 from .common import (
     BenchContext,
     Ratio,
@@ -67,6 +68,10 @@ def methods(shape: Dict[str, int]) -> List[Method]:
         Method("LoRA r16", "LoraConfig", lora),
         Method("LoRA r64", "LoraConfig", dict(r=64, lora_alpha=128, target_modules="all-linear")),
         Method("DoRA r16", "LoraConfig", {**lora, "use_dora": True}),
+        Method("AdaLoRA r12->8", "AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=32, total_step=1000,
+                                                       target_modules=_LINEARS),
+               note="step = forward with the orthogonality regulariser + backward + AdamW (update_and_allocate "
+                    "not included; the adalora suite times it)"),
         Method("QLoRA r16 (NF4 base)", "LoraConfig", lora, peft_has_it=False, quantize=True,
                note="merge re-quantises into NF4; peft+bitsandbytes is compared in the llama suite"),
         Method("LoHa r8", "LoHaConfig", dict(r=8, alpha=16, target_modules=_LINEARS)),
@@ -223,6 +228,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         if with_peft and peft is not None and not ctx.options.get("methods_no_peft", False):
             try:
                 pm = _build(peft, method, base, dtype).to(ctx.device)
+                freeze_peft_ranknum(pm)
                 if _trainable(pm) != _trainable(fm):
                     res.errors.append(f"{method.label}: trainable parameters differ: peft {_trainable(pm)} vs "
                                       f"fastpeft {_trainable(fm)}")

@@ -34,7 +34,7 @@ import torch
 SUITE_MODULES = [
     "bench.bench_lora", "bench.bench_llama", "bench.bench_nf4", "bench.bench_nf4_cuda", "bench.bench_lycoris",
     "bench.bench_lycoris_ops", "bench.bench_oft", "bench.bench_ia3", "bench.bench_rotate_ops", "bench.bench_methods",
-    "bench.bench_xlora",
+    "bench.bench_adalora", "bench.bench_xlora",
 ]
 
 SUITES: Dict[str, Callable[["BenchContext"], "SuiteResult"]] = {}

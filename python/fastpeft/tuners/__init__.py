@@ -1,5 +1,6 @@
 """Adapter methods. `base` holds what every method shares; one subpackage per method."""
 from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, check_target_module_exists
+from .adalora import AdaLoraConfig, AdaLoraModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .bitfit import BitFitConfig, BitFitModel
 from .boft import BOFTConfig, BOFTModel
@@ -15,13 +16,13 @@ from .xlora import XLoraConfig, XLoraModel
 PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
     "IA3": IA3Model, "BITFIT": BitFitModel, "BOTTLENECK": BottleneckModel,
-    "ADAPTION_PROMPT": AdaptionPromptModel, "XLORA": XLoraModel,
+    "ADAPTION_PROMPT": AdaptionPromptModel, "ADALORA": AdaLoraModel, "XLORA": XLoraModel,
 }
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "check_target_module_exists", "LoraConfig", "LoraModel",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel", "BottleneckConfig", "BottleneckModel",
-    "AdaptionPromptConfig", "AdaptionPromptModel", "XLoraConfig", "XLoraModel",
+    "AdaptionPromptConfig", "AdaptionPromptModel", "AdaLoraConfig", "AdaLoraModel", "XLoraConfig", "XLoraModel",
     "PEFT_TYPE_TO_TUNER_MAPPING",
 ]
