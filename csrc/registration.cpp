@@ -55,14 +55,20 @@ TORCH_LIBRARY(fastpeft, m) {
   // zero-padded): x [T, in], lora_A [n, r, in], lora_B [n, out, r], scalings [T, n] (x's dtype or
   // float32; the per-token weight of each adapter with any per-adapter scale folded in), base
   // [T, out] or None (then 0). One shrink GEMM over all adapters, a block scaling, one expand GEMM.
-  // Returns (y, u = x A_cat^T [T, n r], saved for backward).
-  m.def("multi_lora_mix(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor? base) -> (Tensor, Tensor)");
+  // With dropout_p > 0 each adapter sees its own seeded mask (the lora family's hash): adapter j's
+  // input is drop(x) taken as rows j T .. j T + T - 1 of a virtual [n T, in] input, i.e. the masks of
+  // seeded_dropout(x repeated n times along dim 0); the shrink is then one GEMM per adapter.
+  // Returns (y, u = drop_j(x) A_j^T side by side [T, n r], saved for backward).
+  m.def(
+      "multi_lora_mix(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor? base, "
+      "float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor)");
   // Returns (grad_x, grad_A, grad_B, grad_scalings) through [T, n r] intermediates; grad_x is an
   // empty [0] tensor unless need_grad_x, grad_A / grad_B unless need_grad_weights. grad_scalings has
   // scalings' dtype. (grad_base is grad_y.)
   m.def(
       "multi_lora_mix_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scalings, "
-      "Tensor u, bool need_grad_x=True, bool need_grad_weights=True) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor u, bool need_grad_x=True, bool need_grad_weights=True, float dropout_p=0., Tensor? seed=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- nf4 family --------------------------------------------------------------------------
   // bitsandbytes 0.50.2's NF4 bytes (formulas in csrc/common/nf4_impl.h and reference.py).

@@ -53,20 +53,25 @@ def peft_loop(x, A, B, s, base):
 # ---- values and gradients vs the reference -------------------------------------------------------
 
 
+SEED = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("noncontig,base", [(False, True), (True, False)])
-def test_ops_vs_reference(dtype, shape, noncontig, base):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_ops_vs_reference(dtype, shape, noncontig, base, p):
     x, A, B, s, b = make(*shape, dtype, noncontig=noncontig, base=base)
-    y, u = fp.multi_lora_mix(x, A, B, s, b)
-    yr, ur = ref.multi_lora_mix_forward(*d64(x, A, B, s, b))
+    y, u = fp.multi_lora_mix(x, A, B, s, b, p, SEED)
+    yr, ur = ref.multi_lora_mix_forward(*d64(x, A, B, s, b), p, SEED)
     assert y.dtype == dtype and y.shape == yr.shape and u.shape == ur.shape
     close(y, yr, dtype, "y")
     close(u, ur, dtype, "u")
-    close(y, peft_loop(*d64(x, A, B, s, b)), dtype, "y vs peft's loop")
+    if p == 0.0:
+        close(y, peft_loop(*d64(x, A, B, s, b)), dtype, "y vs peft's loop")
     g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
-    got = fp.multi_lora_mix_backward(g, x, A, B, s, u)
-    want = ref.multi_lora_mix_backward(*d64(g, x, A, B, s, u))
+    got = fp.multi_lora_mix_backward(g, x, A, B, s, u, True, True, p, SEED)
+    want = ref.multi_lora_mix_backward(*d64(g, x, A, B, s, u), p, SEED)
     for name, a, e in zip(("grad_x", "grad_A", "grad_B", "grad_scalings"), got, want):
         assert a.shape == e.shape, name
         close(a, e, dtype, name)
@@ -99,6 +104,20 @@ def test_wrapper_grads_match_reference(dtype):
     y64.backward(g)
     for name, a, e in zip(("x", "A", "B", "scalings", "base"), ts, t64):
         close(a.grad, e.grad, dtype, f"grad {name}")
+
+
+def test_dropout_masks_per_adapter():
+    # adapter j's input is rows j T .. of seeded_dropout(x repeated n times): independent masks per adapter
+    x, A, B, s, _ = make(40, 24, 20, 3, 2, torch.float64)
+    xd = ops.seeded_dropout(x.repeat(3, 1), 0.5, SEED).reshape(3, 40, 24)
+    assert not torch.equal(xd[0] != 0, xd[1] != 0)
+    want = sum(s[:, j : j + 1] * (xd[j] @ A[j].t() @ B[j].t()) for j in range(3))
+    torch.testing.assert_close(ops.multi_lora_mix(x, A, B, s, None, 0.5, SEED), want)
+    torch.testing.assert_close(ops.multi_lora_mix(x, A, B, s, None, 0.0, SEED), ref.multi_lora_mix(x, A, B, s))
+    # only-needed gradients with dropout
+    gx, ga, gb, gs = fp.multi_lora_mix_backward(torch.ones(40, 20, dtype=torch.float64), x, A, B, s,
+                                                 torch.zeros(40, 6, dtype=torch.float64), False, True, 0.5, SEED)
+    assert gx.numel() == 0 and ga.shape == A.shape and gb.shape == B.shape
 
 
 def test_grads_only_where_needed():
@@ -177,10 +196,12 @@ def _opcheck_cases():
         (fp.multi_lora_mix.default, (x[:, :6], A[:, :, :6].contiguous(), B, s.float(), None)),
         (fp.multi_lora_mix_backward.default, (g, x, A, B, s, u)),
         (fp.multi_lora_mix_backward.default, (g, x, A, B, s, u, False, False)),
+        (fp.multi_lora_mix.default, (rg(x), rg(A), rg(B), rg(s), rg(b), 0.25, SEED)),
+        (fp.multi_lora_mix_backward.default, (g, x, A, B, s, u, True, True, 0.25, SEED)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -191,6 +212,7 @@ def test_gradcheck():
     b = torch.randn(5, 7, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (x, A, B, s, b)]
     assert torch.autograd.gradcheck(ops.multi_lora_mix, args)
+    assert torch.autograd.gradcheck(lambda *t: ops.multi_lora_mix(*t, 0.4, SEED), args)
 
 
 def test_torch_compile_fullgraph():
@@ -242,10 +264,14 @@ def _bad_calls():
         ("base", lambda: fp.multi_lora_mix(x, A, B, s, b.double())),
         ("grad_y", lambda: fp.multi_lora_mix_backward(torch.zeros(4, 5), x, A, B, s, u)),
         ("u", lambda: fp.multi_lora_mix_backward(torch.zeros(4, 6), x, A, B, s, u[:, :5])),
+        ("dropout_p", lambda: ops.multi_lora_mix(x, A, B, s, None, 1.0)),
+        ("dropout_p", lambda: fp.multi_lora_mix(x, A, B, s, None, -0.1, SEED)),
+        ("seed", lambda: fp.multi_lora_mix(x, A, B, s, None, 0.2, None)),
+        ("seed", lambda: fp.multi_lora_mix(x, A, B, s, None, 0.2, torch.tensor([1.0]))),
     ]
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(23))
 def test_bad_input_names_argument(case):
     name, call = _bad_calls()[case]
     with pytest.raises(Exception, match=f"'{name}'"):
@@ -258,16 +284,17 @@ def test_bad_input_names_argument(case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noncontig,base", [(False, True), (True, False)])
-def test_cuda_ops_vs_reference(dtype, noncontig, base):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_ops_vs_reference(dtype, noncontig, base, p):
     for shape in SHAPES + [(3000, 160, 96, 8, 8)]:
         x, A, B, s, b = make(*shape, dtype, device="cuda", noncontig=noncontig, base=base)
-        y, u = fp.multi_lora_mix(x, A, B, s, b)
-        yr, ur = ref.multi_lora_mix_forward(*d64(x, A, B, s, b))
+        y, u = fp.multi_lora_mix(x, A, B, s, b, p, SEED)
+        yr, ur = ref.multi_lora_mix_forward(*d64(x, A, B, s, b), p, SEED)
         close(y, yr, dtype, "y")
         close(u, ur, dtype, "u")
         g = torch.randn(y.shape, dtype=torch.float64, device="cuda").to(dtype)
-        for a, e in zip(fp.multi_lora_mix_backward(g, x, A, B, s, u),
-                        ref.multi_lora_mix_backward(*d64(g, x, A, B, s, u))):
+        for a, e in zip(fp.multi_lora_mix_backward(g, x, A, B, s, u, True, True, p, SEED),
+                        ref.multi_lora_mix_backward(*d64(g, x, A, B, s, u), p, SEED)):
             close(a, e, dtype, "grad")
 
 
@@ -285,5 +312,6 @@ def test_cuda_matches_cpu_and_gradcheck():
     x, A, B, s, b = make(5, 6, 7, 3, 2, torch.float64, device="cuda")
     args = [t.clone().requires_grad_(True) for t in (x, A, B, s, b)]
     assert torch.autograd.gradcheck(ops.multi_lora_mix, args)
+    assert torch.autograd.gradcheck(lambda *t: ops.multi_lora_mix(*t, 0.4, SEED), args)
     xf, Af, Bf, sf, bf = make(9, 12, 10, 3, 2, device="cuda")
     torch.library.opcheck(fp.multi_lora_mix.default, (xf.requires_grad_(), Af, Bf, sf.requires_grad_(), bf))

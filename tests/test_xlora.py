@@ -136,35 +136,63 @@ def test_trainable_experts_gradients_match_peft(experts):
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4)
 
 
-def test_dropout_training_falls_back_to_peft_loop(tmp_path):
-    # lora_dropout > 0 in training: every expert needs its own mask, so the layer runs peft's per-expert loop
-    # (nn.Dropout, as peft); with a non-zero scaling pass both draw the same masks in the same order.
+def _dropout_experts(tmp_path, ps):
     paths = {}
-    for i in range(2):
+    for i, p in enumerate(ps):
         m = peft.get_peft_model(tiny_llama(use_cache=False),
-                                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
+                                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["q_proj", "v_proj"]))
         randomize_adapter(m, seed=30 + i)
         m.save_pretrained(str(tmp_path / str(i)))
         paths[str(i)] = str(tmp_path / str(i))
-    pp, ours = build_pair(paths, scaling_pass_value=0.5)
-    batch = inputs()
+    return paths
+
+
+def _count_mix_calls(monkeypatch):
     calls = []
     orig = ops.multi_lora_mix
-    for model in (pp, ours):
-        model.train()
-    torch.manual_seed(5)
-    lp = pp(**batch).logits
-    torch.manual_seed(5)
-    try:
-        ops.multi_lora_mix = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        lo = ours(**batch).logits
-    finally:
-        ops.multi_lora_mix = orig
-    assert not calls  # the loop, not the fused op
-    torch.testing.assert_close(lo, lp, atol=2e-5, rtol=1e-5)
-    # eval mode: dropout is off, the fused op runs and matches peft
+
+    def counting(*a, **k):
+        calls.append(a[5] if len(a) > 5 else k.get("dropout_p", 0.0))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(ops, "multi_lora_mix", counting)
+    return calls
+
+
+def test_dropout_training_uses_the_op_with_per_expert_masks(tmp_path, monkeypatch):
+    # experts with lora_dropout 0.3 in training: the op draws one seeded mask per expert (not nn.Dropout's draws)
+    pp, ours = build_pair(_dropout_experts(tmp_path, [0.3, 0.3]))
+    batch = dict(inputs(), labels=inputs()["input_ids"])
+    calls = _count_mix_calls(monkeypatch)
+    eval_logits = fwd(ours, batch)
+    assert calls == [0.0] * 4
+    ours.train()
+    torch.manual_seed(7)
+    out = ours(**batch)
+    assert calls[4:] == [0.3] * 4  # one op per LoRA layer, dropout inside
+    assert (out.logits.detach() - eval_logits).abs().max() > 1e-4
+    out.loss.backward()
+    assert all(p.grad is not None for p in ours.base_model.internal_xlora_classifier.parameters())
+    torch.manual_seed(7)  # the masks come from torch's generator: reproducible
+    torch.testing.assert_close(ours(**batch).logits, out.logits)
+    # eval: no dropout, equal to peft
     pp.eval(), ours.eval()
     torch.testing.assert_close(fwd(ours, batch), fwd(pp, batch), atol=2e-5, rtol=1e-5)
+
+
+def test_dropout_training_falls_back_to_peft_loop(tmp_path, monkeypatch):
+    # experts with different dropout probabilities: peft's per-expert loop (nn.Dropout, as peft); with a
+    # non-zero scaling pass both libraries draw the same masks in the same order, so outputs are equal
+    pp, ours = build_pair(_dropout_experts(tmp_path, [0.3, 0.2]), scaling_pass_value=0.5)
+    batch = inputs()
+    pp.train(), ours.train()
+    torch.manual_seed(5)
+    lp = pp(**batch).logits
+    calls = _count_mix_calls(monkeypatch)
+    torch.manual_seed(5)
+    lo = ours(**batch).logits
+    assert not calls  # the loop, not the fused op
+    torch.testing.assert_close(lo, lp, atol=2e-5, rtol=1e-5)
 
 
 def test_one_mix_op_per_layer_and_fused_equals_loop(experts, monkeypatch):
@@ -173,9 +201,9 @@ def test_one_mix_op_per_layer_and_fused_equals_loop(experts, monkeypatch):
     calls = []
     orig = ops.multi_lora_mix
 
-    def counting(x, A, B, s, base=None):
+    def counting(x, A, B, s, *args):
         calls.append(A.shape[0])
-        return orig(x, A, B, s, base)
+        return orig(x, A, B, s, *args)
 
     monkeypatch.setattr(ops, "multi_lora_mix", counting)
     fused = fwd(ours, batch)
@@ -183,7 +211,7 @@ def test_one_mix_op_per_layer_and_fused_equals_loop(experts, monkeypatch):
     assert len(calls) == 8 and sorted(set(calls)) == [1, 2, 3]
     from fastpeft.tuners.xlora.layer import XLoraLinearLayer
 
-    monkeypatch.setattr(XLoraLinearLayer, "_needs_loop", lambda self, names: True)
+    monkeypatch.setattr(XLoraLinearLayer, "_dropout_p", lambda self, names: None)  # -> peft's loop
     torch.testing.assert_close(fwd(ours, batch), fused, atol=2e-6, rtol=1e-5)
 
 

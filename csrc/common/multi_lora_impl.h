@@ -19,6 +19,10 @@
 //   void mix_scale_backward(gv, u, s, r, gu, v, ds);
 //        // gu = gv * s (per block); v = u * s (skipped when v is undefined);
 //        // ds[t, j] = sum_k gv[t, j r + k] u[t, j r + k]  (op-math)
+//   void drop_rows(x, row0, d, out);      // out[i, c] = x[i, c] * mult(row0 + i, c)   (all rows of x)
+//   void drop_bwd(x, row0, d, t, gx);     // gx[i, c] += t[i, c] * mult;  t[i, c] = x[i, c] * mult
+// with mult(row, col) = keep(seed, row * in + col) ? 1 / (1 - p) : 0 (dropout_hash.h, as the lora
+// family). With dropout, adapter j's input is drop(x) with row0 = j T: the masks of x repeated n times.
 // Elementwise math is op-math (float32; float64 for float64), rounded once to x's dtype.
 #pragma once
 
@@ -33,10 +37,19 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/lora_impl.h"
 
 namespace fastpeft {
 
 inline at::ScalarType multi_lora_opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline DropoutSpec multi_lora_dropout(double p, const std::optional<at::Tensor>& seed) {
+  check_dropout_p(p);
+  if (p == 0.0) return DropoutSpec{};
+  TORCH_CHECK(seed.has_value() && seed->defined(), "fastpeft: 'seed' is required when dropout_p > 0 ",
+              "(use fastpeft.ops.new_dropout_seed())");
+  return make_dropout(p, *seed);
+}
 
 // x [T, in]; lora_A [n, r, in]; lora_B [n, out, r]; scalings [T, n] (x's dtype or float32).
 inline void check_multi_lora_args(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -65,8 +78,10 @@ inline void check_multi_lora_args(const at::Tensor& x, const at::Tensor& lora_A,
 template <class BK>
 std::tuple<at::Tensor, at::Tensor> multi_lora_mix_impl(const at::Tensor& x, const at::Tensor& lora_A,
                                                        const at::Tensor& lora_B, const at::Tensor& scalings,
-                                                       const std::optional<at::Tensor>& base) {
+                                                       const std::optional<at::Tensor>& base, double dropout_p,
+                                                       const std::optional<at::Tensor>& seed) {
   check_multi_lora_args(x, lora_A, lora_B, scalings);
+  const DropoutSpec d = multi_lora_dropout(dropout_p, seed);
   const int64_t T = x.size(0), in = x.size(1), n = lora_A.size(0), r = lora_A.size(1), out = lora_B.size(1);
   const bool has_base = base.has_value() && base->defined();
   if (has_base) {
@@ -90,8 +105,15 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_mix_impl(const at::Tensor& x, cons
     }
     return {y, u};
   }
-  const at::Tensor A_cat = lora_A.reshape({nr, in});                 // a view when contiguous
-  at::mm_out(u, x, A_cat.t());                                        // the one shrink
+  if (!d.active) {
+    at::mm_out(u, x, lora_A.reshape({nr, in}).t());                  // the one shrink (a view when contiguous)
+  } else {
+    at::Tensor xd = at::empty({T, in}, x.options());                 // drop_j(x), one adapter at a time
+    for (int64_t j = 0; j < n; ++j) {
+      BK::drop_rows(x, j * T, d, xd);
+      u.narrow(1, j * r, r).copy_(at::mm(xd, lora_A.select(0, j).t()));
+    }
+  }
   const at::Tensor s = scalings.to(multi_lora_opmath(x.scalar_type())).contiguous();
   at::Tensor v = at::empty({T, nr}, x.options());
   BK::mix_scale(u, s, r, v);                                          // per-adapter block scaling
@@ -107,8 +129,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_mix_impl(const at::Tensor& x, cons
 template <class BK>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_mix_backward_impl(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& scalings, const at::Tensor& u, bool need_grad_x, bool need_grad_weights) {
+    const at::Tensor& scalings, const at::Tensor& u, bool need_grad_x, bool need_grad_weights, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   check_multi_lora_args(x, lora_A, lora_B, scalings);
+  const DropoutSpec d = multi_lora_dropout(dropout_p, seed);
   const int64_t T = x.size(0), in = x.size(1), n = lora_A.size(0), r = lora_A.size(1), out = lora_B.size(1);
   const int64_t nr = n * r;
   check_dim(grad_y, 2, "grad_y");
@@ -140,12 +164,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_mix_backwa
   at::Tensor ds = at::empty({T, n}, x.options().dtype(op));
   BK::mix_scale_backward(gv, uc, s, r, gu, v, ds);
   at::Tensor grad_x = empty0(), grad_A = empty0(), grad_B = empty0();
-  const at::Tensor A_cat = lora_A.reshape({nr, in});
-  if (need_grad_x) grad_x = at::mm(gu, A_cat);
-  if (need_grad_weights) {
-    grad_A = at::mm(gu.t(), x).view({n, r, in});
-    grad_B = at::mm(g.t(), v).view({out, n, r}).permute({1, 0, 2}).contiguous();
+  if (!d.active) {
+    const at::Tensor A_cat = lora_A.reshape({nr, in});
+    if (need_grad_x) grad_x = at::mm(gu, A_cat);
+    if (need_grad_weights) grad_A = at::mm(gu.t(), x).view({n, r, in});
+  } else if (need_grad_x || need_grad_weights) {
+    // per adapter: t = gu_j A_j; grad_x += mult_j * t and t <- drop_j(x) (one pass); grad_A_j = gu_j^T t
+    if (need_grad_x) grad_x = at::zeros({T, in}, x.options());
+    if (need_grad_weights) grad_A = at::empty({n, r, in}, x.options());
+    at::Tensor t = at::empty({T, in}, x.options());
+    for (int64_t j = 0; j < n; ++j) {
+      const at::Tensor gu_j = gu.narrow(1, j * r, r);
+      if (need_grad_x) {
+        at::mm_out(t, gu_j, lora_A.select(0, j));
+        BK::drop_bwd(x, j * T, d, t, grad_x);
+      } else {
+        BK::drop_rows(x, j * T, d, t);
+      }
+      if (need_grad_weights) grad_A.select(0, j).copy_(at::mm(gu_j.t(), t));
+    }
   }
+  if (need_grad_weights) grad_B = at::mm(g.t(), v).view({out, n, r}).permute({1, 0, 2}).contiguous();
   return {grad_x, grad_A, grad_B, ds.to(scalings.scalar_type())};
 }
 

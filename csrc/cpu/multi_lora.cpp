@@ -20,10 +20,65 @@ using cpu::st;
 
 inline int64_t mix_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
+// Calls f(c, mult) for the columns of row `row` (index row * cols + c), mult = keep ? scale : 0.
+template <class M, class F>
+inline void for_each_mult(const DropoutSpec& d, int64_t row, int64_t cols, F&& f) {
+  const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(cols);
+  uint32_t hi = static_cast<uint32_t>(base >> 32);
+  DropoutKey k = dropout_key(d.seed, hi);
+  const M scale = static_cast<M>(d.scale);
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint64_t idx = base + static_cast<uint64_t>(c);
+    const uint32_t h = static_cast<uint32_t>(idx >> 32);
+    if (h != hi) {
+      hi = h;
+      k = dropout_key(d.seed, hi);
+    }
+    f(c, dropout_hash(k, static_cast<uint32_t>(idx)) >= d.threshold ? scale : M(0));
+  }
+}
+
 struct CpuMixBackend {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
+
+  static void drop_rows(const at::Tensor& x, int64_t row0, const DropoutSpec& d, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastpeft_mix_drop_rows", [&] {
+      using M = typename OpMath<scalar_t>::type;
+      const int64_t T = x.size(0), cols = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, T, mix_grain(cols), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const scalar_t* xr = xp + i * s0;
+          scalar_t* orow = op + i * cols;
+          for_each_mult<M>(d, row0 + i, cols, [&](int64_t c, M m) { st(orow[c], ld(xr[c * s1]) * m); });
+        }
+      });
+    });
+  }
+
+  static void drop_bwd(const at::Tensor& x, int64_t row0, const DropoutSpec& d, at::Tensor& t, at::Tensor& gx) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastpeft_mix_drop_bwd", [&] {
+      using M = typename OpMath<scalar_t>::type;
+      const int64_t T = x.size(0), cols = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* tp = t.mutable_data_ptr<scalar_t>();
+      scalar_t* gp = gx.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, T, mix_grain(cols), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const scalar_t* xr = xp + i * s0;
+          scalar_t* tr = tp + i * cols;
+          scalar_t* gr = gp + i * cols;
+          for_each_mult<M>(d, row0 + i, cols, [&](int64_t c, M m) {
+            st(gr[c], ld(gr[c]) + ld(tr[c]) * m);
+            st(tr[c], ld(xr[c * s1]) * m);
+          });
+        }
+      });
+    });
+  }
 
   static void mix_scale(const at::Tensor& u, const at::Tensor& s, int64_t r, at::Tensor& v) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "fastpeft_mix_scale", [&] {

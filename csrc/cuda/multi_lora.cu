@@ -54,11 +54,70 @@ __global__ void mix_scale_backward_kernel(const T* __restrict__ gv, const T* __r
   ds[idx] = acc;
 }
 
+template <class M>
+__device__ __forceinline__ M mix_keep_mult(uint64_t seed, uint32_t thr, M scale, uint64_t idx) {
+  const DropoutKey k = dropout_key(seed, static_cast<uint32_t>(idx >> 32));
+  return dropout_hash(k, static_cast<uint32_t>(idx)) >= thr ? scale : M(0);
+}
+
+// out[i, c] = x[i, c] * mult(row0 + i, c);  out contiguous [rows, cols].
+template <class T, class M>
+__global__ void mix_drop_rows_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t row0, int64_t rows,
+                                     int64_t cols, uint64_t seed, uint32_t thr, M scale, T* __restrict__ out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const M m = mix_keep_mult<M>(seed, thr, scale, static_cast<uint64_t>(row0 + i) * cols + c);
+    out[i * cols + c] = static_cast<T>(static_cast<M>(x[i * s0 + c * s1]) * m);
+  }
+}
+
+// gx[i, c] += t[i, c] * mult;  t[i, c] = x[i, c] * mult.
+template <class T, class M>
+__global__ void mix_drop_bwd_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t row0, int64_t rows,
+                                    int64_t cols, uint64_t seed, uint32_t thr, M scale, T* __restrict__ t,
+                                    T* __restrict__ gx) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const M m = mix_keep_mult<M>(seed, thr, scale, static_cast<uint64_t>(row0 + i) * cols + c);
+    const int64_t e = i * cols + c;
+    gx[e] = static_cast<T>(static_cast<M>(gx[e]) + static_cast<M>(t[e]) * m);
+    t[e] = static_cast<T>(static_cast<M>(x[i * s0 + c * s1]) * m);
+  }
+}
+
 struct CudaMixBackend {
   struct Guard {
     explicit Guard(c10::Device d) : guard(d) {}
     c10::cuda::CUDAGuard guard;
   };
+
+  static void drop_rows(const at::Tensor& x, int64_t row0, const DropoutSpec& d, at::Tensor& out) {
+    const int64_t rows = x.size(0), cols = x.size(1);
+    if (rows == 0 || cols == 0) return;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastpeft_mix_drop_rows_cuda", [&] {
+      using M = typename OpMath<scalar_t>::type;
+      mix_drop_rows_kernel<scalar_t, M><<<row_grid(rows, cols), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), row0, rows, cols, d.seed, d.threshold,
+          static_cast<M>(d.scale), out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void drop_bwd(const at::Tensor& x, int64_t row0, const DropoutSpec& d, at::Tensor& t, at::Tensor& gx) {
+    const int64_t rows = x.size(0), cols = x.size(1);
+    if (rows == 0 || cols == 0) return;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastpeft_mix_drop_bwd_cuda", [&] {
+      using M = typename OpMath<scalar_t>::type;
+      mix_drop_bwd_kernel<scalar_t, M><<<row_grid(rows, cols), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), row0, rows, cols, d.seed, d.threshold,
+          static_cast<M>(d.scale), t.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
 
   static void mix_scale(const at::Tensor& u, const at::Tensor& s, int64_t r, at::Tensor& v) {
     const int64_t rows = u.size(0), nr = u.size(1), n = s.size(1);

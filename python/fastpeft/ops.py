@@ -384,14 +384,16 @@ def _multi_lora_check(x, lora_A, lora_B, scalings, base) -> Tuple[int, int, int,
 
 
 @torch.library.register_fake("fastpeft::multi_lora_mix")
-def _multi_lora_mix_fake(x, lora_A, lora_B, scalings, base):
+def _multi_lora_mix_fake(x, lora_A, lora_B, scalings, base, dropout_p=0.0, seed=None):
     _fake_2d(x, "x")
     n, r, _, out_f = _multi_lora_check(x, lora_A, lora_B, scalings, base)
+    _check_dropout(dropout_p, seed)
     return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0], n * r))
 
 
 @torch.library.register_fake("fastpeft::multi_lora_mix_backward")
-def _multi_lora_mix_backward_fake(grad_y, x, lora_A, lora_B, scalings, u, need_grad_x=True, need_grad_weights=True):
+def _multi_lora_mix_backward_fake(grad_y, x, lora_A, lora_B, scalings, u, need_grad_x=True, need_grad_weights=True,
+                                  dropout_p=0.0, seed=None):
     _fake_2d(x, "x")
     _multi_lora_check(x, lora_A, lora_B, scalings, None)
     gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
@@ -401,22 +403,25 @@ def _multi_lora_mix_backward_fake(grad_y, x, lora_A, lora_B, scalings, u, need_g
 
 
 def _multi_lora_setup(ctx, inputs, output):
-    x, lora_A, lora_B, scalings, _base = inputs
+    x, lora_A, lora_B, scalings, _base, dropout_p, seed = inputs
     _, u = output
     ctx.mark_non_differentiable(u)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, lora_A, lora_B, scalings, u)
+    ctx.dropout_p = dropout_p
+    ctx.has_seed = seed is not None
+    ctx.save_for_backward(x, lora_A, lora_B, scalings, u, *([seed] if seed is not None else []))
 
 
 def _multi_lora_backward(ctx, grad_y, _grad_u):
     if grad_y is None:
-        return (None,) * 5
-    x, lora_A, lora_B, scalings, u = ctx.saved_tensors
+        return (None,) * 7
+    x, lora_A, lora_B, scalings, u, *rest = ctx.saved_tensors
+    seed = rest[0] if ctx.has_seed else None
     need = ctx.needs_input_grad
     gx = ga = gb = gs = None
     if need[0] or need[1] or need[2] or need[3]:
         gx, ga, gb, gs = _ops.multi_lora_mix_backward(
-            grad_y, x, lora_A, lora_B, scalings, u, bool(need[0]), bool(need[1] or need[2])
+            grad_y, x, lora_A, lora_B, scalings, u, bool(need[0]), bool(need[1] or need[2]), ctx.dropout_p, seed
         )
     return (
         gx if need[0] else None,
@@ -424,6 +429,8 @@ def _multi_lora_backward(ctx, grad_y, _grad_u):
         gb if need[2] else None,
         gs if need[3] else None,
         grad_y if need[4] else None,
+        None,
+        None,
     )
 
 
@@ -431,7 +438,13 @@ torch.library.register_autograd("fastpeft::multi_lora_mix", _multi_lora_backward
 
 
 def multi_lora_mix(
-    x: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, base: Optional[Tensor] = None
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scalings: Tensor,
+    base: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> Tensor:
     """Mix n LoRA adapters with per-token weights in one op: ``base + sum_j scalings[..., j] * B_j(A_j(x))``.
 
@@ -443,6 +456,11 @@ def multi_lora_mix(
             scale (lora_alpha / r, X-LoRA's global weight) already multiplied in; x's dtype or float32.
         base: ``[..., out]`` added to the result (e.g. the base layer's output; the expand GEMM accumulates
             onto it), or None.
+        dropout_p: dropout on each adapter's input, in [0, 1): adapter j sees ``drop_j(x)``, its own seeded mask
+            (the masks of :func:`seeded_dropout` on x repeated n times along the rows), regenerated in backward.
+            The shrink is then one GEMM per adapter (inside the op).
+        seed: one-element int64 CPU tensor for the masks; drawn with :func:`new_dropout_seed` when dropout_p > 0
+            and it is None.
 
     x, lora_A, lora_B and base share one dtype (float32, bfloat16, float16 or float64) and device. Computed as
     one shrink GEMM over all adapters (``u = x A_cat^T``, [T, n r]), a per-adapter block scaling in op-math, and
@@ -451,16 +469,19 @@ def multi_lora_mix(
     the rank-sized u.
     """
     n, r, in_f, out_f = _multi_lora_check(x, lora_A, lora_B, scalings, base)
+    _check_dropout(dropout_p, seed)
+    p = float(dropout_p)
+    seed = (new_dropout_seed() if seed is None else seed) if p > 0.0 else None
     if not _use_kernel(x):
-        return _ref.multi_lora_mix(x, lora_A, lora_B, scalings, base)
+        return _ref.multi_lora_mix(x, lora_A, lora_B, scalings, base, p, seed)
     lead = x.shape[:-1]
     if x.dim() == 2:
-        y, _ = _ops.multi_lora_mix(x, lora_A, lora_B, scalings, base)
+        y, _ = _ops.multi_lora_mix(x, lora_A, lora_B, scalings, base, p, seed)
         return y
     x2 = x.reshape(-1, in_f)
     s2 = scalings.reshape(-1, n)
     b2 = None if base is None else base.reshape(-1, out_f)
-    y, _ = _ops.multi_lora_mix(x2, lora_A, lora_B, s2, b2)
+    y, _ = _ops.multi_lora_mix(x2, lora_A, lora_B, s2, b2, p, seed)
     return y.reshape(*lead, out_f)
 
 

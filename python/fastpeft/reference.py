@@ -156,19 +156,29 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
 # ---- multi-adapter LoRA mix (X-LoRA) ----------------------------------------------------------------
 
 
-def multi_lora_mix_forward(x, lora_A, lora_B, scalings, base=None) -> Tuple[Tensor, Tensor]:
+def _mix_dropped(x, n: int, p: float, seed) -> Tensor:
+    """[n, T, in]: adapter j's dropped input, rows j T .. j T + T - 1 of seeded_dropout(x repeated n times)."""
+    return seeded_dropout(x.repeat(n, 1), p, seed).reshape(n, x.shape[0], x.shape[1])
+
+
+def multi_lora_mix_forward(x, lora_A, lora_B, scalings, base=None, dropout_p: float = 0.0,
+                           seed=None) -> Tuple[Tensor, Tensor]:
     """(y, u) of the multi-adapter mix: x [T, in], lora_A [n, r, in], lora_B [n, out, r], scalings [T, n],
-    base [T, out] or None. ``u = x A_cat^T`` ([T, n r], A_cat = lora_A viewed [n r, in]);
-    ``y = base + sum_j scalings[:, j] * (x A_j^T) B_j^T``, the block scaling done in op-math and rounded
-    to x's dtype once."""
+    base [T, out] or None. ``u = x A_cat^T`` ([T, n r], A_cat = lora_A viewed [n r, in]; with dropout the
+    j-th r-block is drop_j(x) A_j^T); ``y = base + sum_j scalings[:, j] * u_j B_j^T``, the block scaling done
+    in op-math and rounded to x's dtype once."""
     n, r, d_in = lora_A.shape
-    u = x @ lora_A.reshape(n * r, d_in).t()
+    if dropout_p > 0.0:
+        xd = _mix_dropped(x, n, dropout_p, seed)
+        u = torch.cat([xd[j] @ lora_A[j].t() for j in range(n)], dim=1) if n else x.new_zeros(x.shape[0], 0)
+    else:
+        u = x @ lora_A.reshape(n * r, d_in).t()
     v = (u.to(_opmath(x.dtype)).reshape(-1, n, r) * scalings.to(_opmath(x.dtype)).unsqueeze(-1)).to(x.dtype)
     y = v.reshape(-1, n * r) @ lora_B.transpose(1, 2).reshape(n * r, -1)
     return (y if base is None else base + y), u
 
 
-def multi_lora_mix_backward(grad_y, x, lora_A, lora_B, scalings, u):
+def multi_lora_mix_backward(grad_y, x, lora_A, lora_B, scalings, u, dropout_p: float = 0.0, seed=None):
     """(grad_x, grad_A, grad_B, grad_scalings) of multi_lora_mix_forward's y."""
     n, r, d_in = lora_A.shape
     out = lora_B.shape[1]
@@ -177,18 +187,29 @@ def multi_lora_mix_backward(grad_y, x, lora_A, lora_B, scalings, u):
     gu = (gv * s).reshape(-1, n * r)
     v = (u.reshape(-1, n, r) * s).reshape(-1, n * r)
     grad_s = (gv * u.reshape(-1, n, r)).sum(-1).to(scalings.dtype)
-    grad_x = gu @ lora_A.reshape(n * r, d_in)
-    grad_A = (gu.t() @ x).reshape(n, r, d_in)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(n * x.shape[0], d_in, dropout_p, seed, x.device).reshape(n, x.shape[0], d_in)
+        mult = keep.to(x.dtype) / (1.0 - dropout_p)
+        xd = _mix_dropped(x, n, dropout_p, seed)
+        gu3 = gu.reshape(-1, n, r)
+        grad_x = sum((mult[j] * (gu3[:, j] @ lora_A[j]) for j in range(n)), torch.zeros_like(x))
+        grad_A = torch.stack([gu3[:, j].t() @ xd[j] for j in range(n)]) if n else lora_A.new_zeros(lora_A.shape)
+    else:
+        grad_x = gu @ lora_A.reshape(n * r, d_in)
+        grad_A = (gu.t() @ x).reshape(n, r, d_in)
     grad_B = (grad_y.t() @ v).reshape(out, n, r).permute(1, 0, 2).contiguous()
     return grad_x, grad_A, grad_B, grad_s
 
 
-def multi_lora_mix(x, lora_A, lora_B, scalings, base=None) -> Tensor:
+def multi_lora_mix(x, lora_A, lora_B, scalings, base=None, dropout_p: float = 0.0, seed=None) -> Tensor:
     """Differentiable reference of ``fastpeft.ops.multi_lora_mix`` (any leading dims on x and scalings): the
-    per-adapter sum written out, ``base + sum_j s_j * (x A_j^T) B_j^T``."""
+    per-adapter sum written out, ``base + sum_j s_j * (drop_j(x) A_j^T) B_j^T``."""
     y = None
-    for j in range(lora_A.shape[0]):
-        term = scalings[..., j : j + 1].to(x.dtype) * ((x @ lora_A[j].t()) @ lora_B[j].t())
+    n = lora_A.shape[0]
+    xd = _mix_dropped(x.reshape(-1, x.shape[-1]), n, dropout_p, seed).reshape(n, *x.shape) if dropout_p > 0 else None
+    for j in range(n):
+        xj = x if xd is None else xd[j]
+        term = scalings[..., j : j + 1].to(x.dtype) * ((xj @ lora_A[j].t()) @ lora_B[j].t())
         y = term if y is None else y + term
     if y is None:
         y = x.new_zeros((*x.shape[:-1], lora_B.shape[1]))

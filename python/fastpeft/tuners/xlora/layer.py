@@ -4,10 +4,12 @@ one that mixes all of its LoRA experts with the current per-token scalings.
 Linear / Conv1D layers run the mix as ONE op, `fastpeft.ops.multi_lora_mix` (a shrink GEMM over all experts, a
 per-token block scaling, an expand GEMM accumulating onto the base output), with the experts' weights stacked
 (smaller ranks zero-padded) and, while they need no gradient, cached between calls. peft's math is
-``base(x) + sum_j B_j(A_j(dropout_j(x * s_j))) * scaling_j * global_scaling_weight``; the fused path is exact
-when dropout is inactive (eval mode or p = 0). In training with lora_dropout > 0 every expert needs its own
-dropout mask, and with a LoRA bias (`lora_bias=True`) a term the scalings do not weight, so those layers FALL
-BACK to peft's per-expert loop (with nn.Dropout, as peft). Embedding and Conv2d layers always use that loop.
+``base(x) + sum_j B_j(A_j(dropout_j(x * s_j))) * scaling_j * global_scaling_weight`` (dropout_j(x * s_j) =
+dropout_j(x) * s_j). In training with lora_dropout p > 0 the op gives every expert its own seeded mask
+(drawn from torch's generator, so not nn.Dropout's draws, but the same distribution) and its shrink becomes one
+GEMM per expert inside the op. Layers whose experts have different dropout probabilities, or a LoRA bias
+(`lora_bias=True`: a term the scalings do not weight), FALL BACK to peft's per-expert loop (nn.Dropout, as
+peft); Embedding and Conv2d layers always use that loop.
 """
 from __future__ import annotations
 
@@ -131,13 +133,16 @@ class XLoraLinearLayer(XLoraLayer):
         self._cache_key, self._cache = key, (A.detach(), B.detach(), scale)
         return self._cache
 
+    def _dropout_p(self, names: list[str]) -> Optional[float]:
+        """The experts' common dropout probability in this mode (0 in eval), or None when they differ."""
+        t = self.target
+        ps = {float(t.lora_dropout[n].p) if isinstance(t.lora_dropout[n], nn.Dropout) and t.lora_dropout[n].training
+              else 0.0 for n in names}
+        return ps.pop() if len(ps) == 1 else None
+
     def _needs_loop(self, names: list[str]) -> bool:
         t = self.target
-        if any(t.lora_bias.get(n, False) for n in names):
-            return True
-        if not t.training:
-            return False
-        return any(isinstance(t.lora_dropout[n], nn.Dropout) and t.lora_dropout[n].p > 0 for n in names)
+        return any(t.lora_bias.get(n, False) for n in names) or self._dropout_p(names) is None
 
     def forward(self, x: torch.Tensor, *args: Any, scalings: Optional[torch.Tensor] = None, **kwargs: Any):
         t = self.target
@@ -178,10 +183,11 @@ class XLoraLinearLayer(XLoraLayer):
                 )
             s = xs.reshape(-1, xs.shape[-1]).to(dtype) * (scale * weight)
         res2 = result.reshape(-1, result.shape[-1])
+        p = self._dropout_p(names)
         if res2.dtype == dtype:
-            out = _ops().multi_lora_mix(x2, A, B, s, res2)
+            out = _ops().multi_lora_mix(x2, A, B, s, res2, p)
         else:  # experts kept in float32 next to a half-precision base: add as peft's in-place `+=` does
-            out = (res2.to(dtype) + _ops().multi_lora_mix(x2, A, B, s)).to(res2.dtype)
+            out = (res2.to(dtype) + _ops().multi_lora_mix(x2, A, B, s, None, p)).to(res2.dtype)
         return out.reshape(*lead, out.shape[-1]).to(previous_dtype)
 
     def _loop(self, x, result, xs, weight, cols, names):
