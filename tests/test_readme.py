@@ -119,3 +119,15 @@ def test_readme_bitfit_example_runs(tmp_path, monkeypatch):
     saved = load_file(str(tmp_path / "my-bitfit" / "adapter_model.safetensors"))
     assert saved and all(k.endswith(".bias") for k in saved)
     assert type(ns["plain"]).__name__ == "GPT2LMHeadModel"
+
+
+def test_readme_weighted_and_hotswap_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(_code_under("## Combining and hot-swapping adapters"), "README.md:weighted-hotswap", "exec"), {})
+
+
+def test_readme_xlora_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(_code_under("## X-LoRA"), "README.md:xlora", "exec"), {})

@@ -67,8 +67,11 @@ _LAZY = {
     "quantize_model": "fastpeft.quant.nf4",
     "load_nf4_model": "fastpeft.quant.hf",
     "replace_lora_weights_loftq": "fastpeft.quant.loftq",
+    "hotswap_adapter": "fastpeft.hotswap",
+    "hotswap_adapter_from_state_dict": "fastpeft.hotswap",
+    "prepare_model_for_compiled_hotswap": "fastpeft.hotswap",
 }
-_SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli", "quant"}
+_SUBMODULES = {"ops", "reference", "nn", "config", "checkpoint", "tuners", "peft_model", "training", "cli", "quant", "hotswap", "utils"}
 
 __all__ = ["build_info", "__version__", *_LAZY, *sorted(_SUBMODULES)]
 

@@ -406,7 +406,9 @@ class Linear(nn.Module, LoraLayer):
         base = self.get_base_layer()
         conv1d = self._conv1d_cls
         plain = type(base) is nn.Linear or (conv1d is not None and type(base) is conv1d)
-        return plain and not args and not kwargs
+        # the fused op takes the scale as a float; tensor scalings (compiled hot-swap) take the unfused path
+        tensor_scaling = any(isinstance(v, torch.Tensor) for v in self.scaling.values())
+        return plain and not args and not kwargs and not tensor_scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self._adapters_to_apply(x, args, kwargs)

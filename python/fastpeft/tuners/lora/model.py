@@ -1,15 +1,31 @@
 """`LoraModel`: injects LoRA / DoRA layers into a model (peft's LoraModel interface and state-dict keys)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import operator
 import warnings
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
 
-from ..base import BaseTuner, BaseTunerLayer, get_pattern_key
+from .. import merge_utils
+from ..base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, get_pattern_key
 from .config import LoraConfig
-from .layer import LoraLayer, dispatch_default
+from .layer import LoraLayer, _ConvNd, dispatch_default
+
+_SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+_FACTOR_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_MERGE_FNS = {
+    "linear": lambda t, w, density, sign: merge_utils.task_arithmetic(t, w),
+    "svd": lambda t, w, density, sign: merge_utils.task_arithmetic(t, w),
+    "ties": lambda t, w, density, sign: merge_utils.ties(t, w, density, sign),
+    "dare_linear": lambda t, w, density, sign: merge_utils.dare_linear(t, w, density),
+    "dare_ties": lambda t, w, density, sign: merge_utils.dare_ties(t, w, density, sign),
+    "magnitude_prune": lambda t, w, density, sign: merge_utils.magnitude_prune(t, w, density),
+}
 
 # model_type -> default target_modules when the config leaves them None (peft's mapping).
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, Union[list[str], str]] = {
@@ -165,3 +181,207 @@ class LoraModel(BaseTuner):
                 warnings.warn(str(report))
             model.nf4_requantization_report = report
         return model
+
+    # ---- weighted combination (peft's add_weighted_adapter) ----
+
+    def _check_add_weighted_adapter(
+        self, adapters: list[str], combination_type: str, svd_rank: Optional[int]
+    ) -> tuple[str, int, Union[str, set]]:
+        """Validate the arguments of `add_weighted_adapter`; return (combination type, new rank, new target_modules)."""
+        for adapter in adapters:
+            if adapter not in self.peft_config:
+                raise ValueError(f"Adapter {adapter} does not exist")
+        for adapter in adapters:
+            if getattr(self.peft_config[adapter], "target_parameters", None):
+                raise ValueError(
+                    f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{adapter}')"
+                )
+        wrappers = [m for m in self.modules() if isinstance(m, ModulesToSaveWrapper)]
+        shared = [w for w in wrappers if sum(a in w.modules_to_save for a in adapters) > 1]
+        if shared:
+            raise ValueError(
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s)."
+            )
+        if len(adapters) == 1:  # one adapter: only a (scaled) copy makes sense
+            combination_type = "linear"
+        ranks = [
+            c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values())
+            for c in (self.peft_config[a] for a in adapters)
+        ]
+        if combination_type in _FACTOR_COMBINATIONS:
+            if len(set(ranks)) != 1:
+                raise ValueError(
+                    "All adapters must have the same r value when using combination_type linear, ties, dare_ties, "
+                    f"dare_linear or magnitude_prune (got ranks {dict(zip(adapters, ranks))}); use 'cat' or an "
+                    "'*svd' combination_type for adapters of different ranks."
+                )
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type in _SVD_COMBINATIONS:
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(
+                f"Invalid combination_type: {combination_type} (expected one of "
+                f"{', '.join(('cat',) + _FACTOR_COMBINATIONS + _SVD_COMBINATIONS)})"
+            )
+        target_types = {type(self.peft_config[a].target_modules) for a in adapters}
+        if not target_types:
+            raise ValueError(f"Found no adapter matching the names in {adapters}")
+        if len(target_types) > 1:
+            raise ValueError(
+                "all adapter configs should follow the same target modules type. "
+                "Combining adapters with `target_modules` type being a mix of list/set and string is not supported."
+            )
+        kind = target_types.pop()
+        if kind is str:
+            new_targets = "|".join(f"({self.peft_config[a].target_modules})" for a in adapters)
+        elif kind in (set, list):
+            new_targets = functools.reduce(operator.or_, (set(self.peft_config[a].target_modules) for a in adapters))
+        else:
+            raise TypeError(f"Invalid type {kind} found in target_modules")
+        return combination_type, new_rank, new_targets
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: Literal[
+            "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
+            "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd",
+        ] = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+    ) -> None:
+        """Add adapter `adapter_name` combining `adapters` with `weights` (peft's method, arguments and results).
+
+        - "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune": the A factors are combined with weights
+          sign(w s) sqrt(|w s|) and the B factors with sqrt(|w s|) (s: each adapter's scaling), each by the named
+          merge of `fastpeft.tuners.merge_utils`; all adapters need the same rank. An approximation of the
+          weighted sum of the deltas.
+        - "cat": A and B are the concatenations (rank = sum of ranks): exactly sum_i w_i dW_i.
+        - "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd": the deltas dW_i are merged
+          (weighted sum, or the named merge), and the result truncated to rank `svd_rank` (default: the largest
+          rank) by `torch.linalg.svd(full_matrices=svd_full_matrices, driver=svd_driver)`; `svd_clamp` clamps both
+          factors to the +-`svd_clamp` quantile of their entries.
+
+        `density` (the fraction kept) is needed by the ties / dare / magnitude_prune types, `majority_sign_method`
+        ("total" or "frequency") is used by the ties types. The dare types draw with torch's RNG in peft's order
+        (layers in module order, adapters in list order, A before B), so a fixed seed reproduces peft's result.
+        The new adapter has lora_alpha = r (scaling 1 without rslora), is not active and not trainable; a layer
+        that some adapters lack combines only the others. Does nothing if `adapter_name` already exists (as peft).
+        """
+        if adapter_name in self.peft_config:
+            return
+        if len(weights) != len(adapters):
+            raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters; pass one weight per adapter")
+        combination_type, new_rank, new_targets = self._check_add_weighted_adapter(adapters, combination_type, svd_rank)
+
+        self.peft_config[adapter_name] = dataclasses.replace(
+            self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
+            alpha_pattern={}, rank_pattern={},
+        )
+        try:
+            self.inject_adapter(self.model, adapter_name)
+            for layer in [m for m in self.model.modules() if isinstance(m, LoraLayer)]:
+                self._combine_into_layer(
+                    layer, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp,
+                    svd_full_matrices, svd_driver, density, majority_sign_method,
+                )
+        except Exception:
+            if adapter_name in self.peft_config:  # leave no half-built adapter behind
+                try:
+                    self.delete_adapter(adapter_name)
+                except Exception:  # pragma: no cover - the original error is the one to report
+                    self.peft_config.pop(adapter_name, None)
+            raise
+        for name, param in self.model.named_parameters():
+            if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+                param.requires_grad = False
+
+    @staticmethod
+    def _factors(layer: LoraLayer, adapter: str):
+        """(A, B) weight tensors of `adapter` in `layer` (linear / conv modules or embedding parameters), or None."""
+        if adapter in layer.lora_A:
+            return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if adapter in layer.lora_embedding_A:
+            return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+        return None
+
+    def _combine_into_layer(
+        self, layer, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, full_matrices, driver,
+        density, majority_sign_method,
+    ) -> None:
+        target = self._factors(layer, adapter_name)
+        if target is None:
+            return
+        target_A, target_B = target
+        present = [(a, w) for a, w in zip(adapters, weights) if self._factors(layer, a) is not None]
+        if not present:
+            raise ValueError(f"No matching LoRAs found in layer {type(layer).__name__} for adapters {adapters}")
+        with torch.no_grad():
+            if combination_type == "cat":
+                loras_A = torch.cat(
+                    [self._factors(layer, a)[0] * w * float(layer.scaling[a]) for a, w in present], dim=0
+                )
+                loras_B = torch.cat([self._factors(layer, a)[1] for a, _ in present], dim=1)
+                target_A.zero_()
+                target_B.zero_()
+                target_A[: loras_A.shape[0]] = loras_A
+                target_B[:, : loras_B.shape[1]] = loras_B
+            elif combination_type in _SVD_COMBINATIONS:
+                new_A, new_B = self._svd_combination(
+                    layer, present, combination_type, new_rank, target_A, target_B, density, majority_sign_method,
+                    svd_clamp, full_matrices, driver,
+                )
+                target_A.data, target_B.data = new_A, new_B
+            else:
+                weights_A, weights_B, deltas_A, deltas_B = [], [], [], []
+                for adapter, weight in present:
+                    a, b = self._factors(layer, adapter)
+                    scaled = weight * float(layer.scaling[adapter])
+                    root = math.sqrt(abs(scaled))
+                    # the sign goes on one factor only (on both it would cancel)
+                    weights_A.append(root if scaled >= 0 else -root)
+                    weights_B.append(root)
+                    deltas_A.append(a.detach())
+                    deltas_B.append(b.detach())
+                merge = _MERGE_FNS[combination_type]
+                dtype = deltas_A[0].dtype
+                new_A = merge(deltas_A, torch.tensor(weights_A).to(deltas_A[0].device), density, majority_sign_method)
+                new_B = merge(deltas_B, torch.tensor(weights_B).to(deltas_B[0].device), density, majority_sign_method)
+                target_A.data, target_B.data = new_A.to(dtype), new_B.to(dtype)
+
+    @staticmethod
+    def _svd_combination(
+        layer, present, combination_type, new_rank, target_A, target_B, density, majority_sign_method, clamp,
+        full_matrices, driver,
+    ):
+        is_embedding = any(a in layer.lora_embedding_A for a, _ in present)
+        deltas = [layer.get_delta_weight(a).detach() for a, _ in present]  # scaling included
+        weights = torch.tensor([w for _, w in present]).to(deltas[0].device)
+        merge = _MERGE_FNS[combination_type.removesuffix("_svd")]
+        delta = merge(deltas, weights, density, majority_sign_method)
+        conv = isinstance(layer, _ConvNd)
+        if conv:
+            kernel = layer.get_base_layer().weight.shape[2:]
+            delta = delta.squeeze() if all(k == 1 for k in kernel) else delta.flatten(start_dim=1)
+        if getattr(layer, "fan_in_fan_out", False) or is_embedding:
+            delta = delta.T
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+        U = U[:, :new_rank] @ torch.diag(S[:new_rank])
+        Vh = Vh[:new_rank, :]
+        if clamp is not None:
+            hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+            U = U.clamp(-hi, hi)
+            Vh = Vh.clamp(-hi, hi)
+        if conv:
+            U = U.reshape(target_B.shape)
+            Vh = Vh.reshape(target_A.shape)
+        return Vh, U
