@@ -57,6 +57,7 @@ _LAZY = {
     "PeftModelForQuestionAnswering": "fastpeft.peft_model",
     "PeftModelForFeatureExtraction": "fastpeft.peft_model",
     "get_peft_model": "fastpeft.peft_model",
+    "PeftMixedModel": "fastpeft.mixed_model",
     "get_peft_model_state_dict": "fastpeft.checkpoint",
     "set_peft_model_state_dict": "fastpeft.checkpoint",
     "load_peft_weights": "fastpeft.checkpoint",

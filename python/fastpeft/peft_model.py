@@ -1558,14 +1558,13 @@ def get_peft_model(
     """Wrap ``model`` (modified in place) with a new adapter described by ``peft_config``.
 
     The ``PeftModel`` subclass is chosen from ``peft_config.task_type`` (plain ``PeftModel`` when None).
+    With ``mixed=True`` the result is a :class:`~fastpeft.mixed_model.PeftMixedModel` (adapters of several
+    methods, see there).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_config(peft_config)
     _check_adapter_name(adapter_name)
-    if mixed:
-        raise NotImplementedError("mixed adapter types (PeftMixedModel) are not supported by fastpeft yet")
-
     old_name = peft_config.base_model_name_or_path
     new_name = model.__dict__.get("name_or_path", None) or None
     peft_config.base_model_name_or_path = new_name
@@ -1586,6 +1585,11 @@ def get_peft_model(
                 f"revision {revision}"
             )
         peft_config.revision = revision
+
+    if mixed:  # adapters of several methods: PeftMixedModel (as peft, autocast_adapter_dtype is not passed)
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name=adapter_name)
 
     task_type = _peft_type_str(peft_config.task_type) if peft_config.task_type is not None else None
     model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, PeftModel) if task_type else PeftModel

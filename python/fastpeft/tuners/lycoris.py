@@ -210,7 +210,8 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
         if not self._is_conv or args or kwargs:
             return False
         base = self.get_base_layer()
-        if type(base) not in (nn.Conv1d, nn.Conv2d) or base.padding_mode != "zeros":
+        # a base layer wrapped by another method's layer (mixed model) runs through that layer
+        if type(base) not in (nn.Conv1d, nn.Conv2d) or base.padding_mode != "zeros" or self.base_layer is not base:
             return False
         return base.weight.dtype in (torch.float32, torch.float64) and x.dtype == base.weight.dtype
 

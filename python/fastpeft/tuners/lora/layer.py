@@ -83,7 +83,9 @@ class LoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.in_features, self.out_features = self._in_out_features(base_layer)
+        # over another method's layer (mixed models) the shapes are those of the layer at the bottom of the nest
+        innermost = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        self.in_features, self.out_features = self._in_out_features(innermost)
 
     # ---- per-kind hooks ----
 
@@ -408,7 +410,8 @@ class Linear(nn.Module, LoraLayer):
         plain = type(base) is nn.Linear or (conv1d is not None and type(base) is conv1d)
         # the fused op takes the scale as a float; tensor scalings (compiled hot-swap) take the unfused path
         tensor_scaling = any(isinstance(v, torch.Tensor) for v in self.scaling.values())
-        return plain and not args and not kwargs and not tensor_scaling
+        # a base layer wrapped by another method's layer (mixed models) runs through that layer (unfused)
+        return plain and self.base_layer is base and not args and not kwargs and not tensor_scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self._adapters_to_apply(x, args, kwargs)
@@ -562,14 +565,15 @@ class _ConvNd(nn.Module, LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: float = 1, **kwargs) -> None:
         super().__init__()
-        if base_layer.weight.dim() != self._kernel_dim:
+        conv = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer  # mixed models
+        if conv.weight.dim() != self._kernel_dim:
             raise ValueError(f"{type(self).__name__} layer kernel must have {self._kernel_dim} dimensions, "
-                             f"not {base_layer.weight.dim()}")
-        if base_layer.groups > 1:
+                             f"not {conv.weight.dim()}")
+        if conv.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
-        if r % base_layer.groups != 0:
+        if r % conv.groups != 0:
             raise ValueError(
-                f"Targeting a {type(base_layer).__name__} with groups={base_layer.groups} and rank {r}: the rank "
+                f"Targeting a {type(conv).__name__} with groups={conv.groups} and rank {r}: the rank "
                 "must be divisible by groups; choose a different rank or do not target this layer"
             )
         self._init_lora_layer(base_layer, adapter_name)

@@ -124,7 +124,11 @@ class LoraModel(BaseTuner):
         alpha = lora_config.alpha_pattern.get(
             get_pattern_key(lora_config.alpha_pattern.keys(), current_key), lora_config.lora_alpha
         )
-        if isinstance(target, LoraLayer):
+        from ..adalora.layer import AdaLoraLayer  # here: adalora imports this module
+
+        # an AdaLoRA layer is a LoraLayer too, but in a mixed model (PeftMixedModel) it is another method's
+        # layer, which a LoRA adapter wraps (as peft) instead of adding itself to it
+        if isinstance(target, LoraLayer) and not isinstance(target, AdaLoraLayer):
             target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config)
             return
         new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha)
