@@ -138,6 +138,12 @@ FASTPEFT_INLINE M fold_row_impl(const T* __restrict__ w, const M* __restrict__ A
   return t;
 }
 
+// y += b.
+template <class T>
+FASTPEFT_INLINE void bias_row_impl(T* __restrict__ y, const T* __restrict__ b, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) st(y[c], ld(y[c]) + ld(b[c]));
+}
+
 // Non-template, ISA-cloned entry points (overloaded by dtype).
 #define FASTPEFT_STAMP(T, M)                                                                        \
   FASTPEFT_CLONES void drop_seg(DropoutKey k, uint32_t lo, int64_t n, uint32_t thr, M scale,       \
@@ -158,6 +164,7 @@ FASTPEFT_INLINE M fold_row_impl(const T* __restrict__ w, const M* __restrict__ A
                                 T* h) {                                                            \
     grad_row_impl<T, M>(g, z, mn, off, n, acc, h);                                                 \
   }                                                                                                \
+  FASTPEFT_CLONES void bias_row(T* y, const T* b, int64_t n) { bias_row_impl<T>(y, b, n); }        \
   FASTPEFT_CLONES void col_dot(const T* g, const T* z, int64_t n, M* acc) {                        \
     col_dot_impl<T, M>(g, z, n, acc);                                                              \
   }                                                                                                \
@@ -535,6 +542,110 @@ void col_dot_rows(const at::Tensor& g, const at::Tensor& z, at::Tensor& acc) {
   });
 }
 
+// Folding costs out * in * r multiply-adds and saves N * out * r (forward) or N * in * r (backward):
+// it pays when the batch has at least as many rows as the dimension the saved GEMM does not share.
+inline bool fold_pays(int64_t rows, int64_t other_dim) { return rows >= other_dim; }
+
+// y[i, c] += b[c] (contiguous rows).
+void add_bias_rows(at::Tensor& y, const at::Tensor& b) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "fastpeft_add_bias", [&] {
+    const int64_t rows = y.size(0), cols = y.size(1), ys = y.stride(0);
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t rb, int64_t re) {
+      for (int64_t i = rb; i < re; ++i) bias_row(yp + i * ys, bp, cols);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                    const at::Tensor& seed) {
+  if (dropout_p != 0.0 || !fold_pays(x.size(0), x.size(1))) {
+    return lora_forward_impl<CpuBackend>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  }
+  check_lora_args(x, weight, bias, lora_A, lora_B);
+  make_dropout(dropout_p, seed);  // checks the seed
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  at::Tensor y = at::empty({n, out}, x.options());
+  at::Tensor u = at::empty({n, r}, x.options());
+  if (n == 0) return {y, u};
+  // Per row block: u = x A^T;  y = x W'^T;  y += b (on the block's rows while they are in cache: the
+  // bias broadcast + beta = 1 GEMM of addmm costs more, ~0.7 ms per 4 MiB for oneDNN bf16).
+  const at::Tensor Wf = fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const FusedPlan plan = CpuBackend::fused_plan(in, out, x.scalar_type());
+  const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+  at::Tensor uT = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < n; r0 += ch) {
+    const int64_t rows = std::min(ch, n - r0);
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    at::Tensor ub = u.narrow(0, r0, rows);
+    at::Tensor yb = y.narrow(0, r0, rows);
+    if (plan.transposed_rank) {
+      at::Tensor uTb = uT.narrow(1, r0, rows);
+      at::mm_out(uTb, lora_A, xb.t());
+      ub.copy_(uTb.t());
+    } else {
+      at::mm_out(ub, xb, lora_A.t());
+    }
+    at::mm_out(yb, xb, Wf.t());
+    if (has_bias) add_bias_rows(yb, b);
+  }
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& u, double scaling, double dropout_p, const at::Tensor& seed,
+    bool need_grad_x) {
+  // (The choice does not depend on need_grad_x: grad_A / grad_B must not either.)
+  if (dropout_p != 0.0 || !fold_pays(x.size(0), weight.size(0))) {
+    return lora_backward_impl<CpuBackend>(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
+                                          need_grad_x);
+  }
+  check_lora_args(x, weight, std::nullopt, lora_A, lora_B);
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), r = lora_A.size(0);
+  check_rows(grad_y, n, out, x, "grad_y", "out_features (weight.size(0))");
+  check_rows(u, n, r, x, "u", "the rank (lora_A.size(0))");
+  make_dropout(dropout_p, seed);
+  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
+  if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), at::zeros({out, r}, x.options())};
+  // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  grad_x_b = g_b W';  grad_A += gu_b^T x_b.
+  const at::ScalarType op = opmath_of(x.scalar_type());
+  const at::Tensor Wf = need_grad_x ? fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr)
+                                    : at::Tensor();
+  const FusedPlan plan = CpuBackend::fused_plan(in, out, x.scalar_type());
+  at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
+  const at::Tensor Bt = plan.transposed_rank ? lora_B.t().contiguous() : at::Tensor();
+  at::Tensor accBt = at::zeros({r, out}, x.options().dtype(op));
+  at::Tensor accA = at::zeros({r, in}, x.options().dtype(op));
+  const int64_t ch = std::max<int64_t>(1, std::min(n, plan.rows));
+  for (int64_t r0 = 0; r0 < n; r0 += ch) {
+    const int64_t rows = std::min(ch, n - r0);
+    const at::Tensor gb = grad_y.narrow(0, r0, rows);
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    at::Tensor gub;
+    if (plan.transposed_rank) {
+      at::Tensor guTb = gu.narrow(1, r0, rows);
+      mm_alpha_out(guTb, Bt, gb.t(), scaling);
+      gub = guTb.t();
+    } else {
+      gub = gu.narrow(0, r0, rows);
+      mm_alpha_out(gub, gb, lora_B, scaling);
+    }
+    accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
+    if (need_grad_x) {
+      at::Tensor gxb = grad_x.narrow(0, r0, rows);
+      at::mm_out(gxb, gb, Wf);
+    }
+    accumulate_tn(accA, gub, xb);
+  }
+  return {grad_x, accA.to(x.scalar_type()), accBt.t().to(x.scalar_type()).contiguous()};
+}
+
 at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 double scaling) {
   check_dim(weight, 2, "weight");
@@ -550,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
     const at::Tensor& weight_norm, double scaling, double dropout_p, const at::Tensor& seed) {
-  if (dropout_p != 0.0) {
+  if (dropout_p != 0.0 || !fold_pays(x.size(0), x.size(1))) {
     return dora_forward_impl<CpuBackend>(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
                                          dropout_p, seed);
   }
@@ -594,7 +705,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& weight_norm, const at::Tensor& u,
     const at::Tensor& z_in, double scaling, double dropout_p, const at::Tensor& seed, bool need_grad_x) {
-  if (dropout_p != 0.0) {
+  // (The choice does not depend on need_grad_x: grad_A / grad_B must not either.)
+  if (dropout_p != 0.0 || !fold_pays(x.size(0), weight.size(0))) {
     return dora_backward_impl<CpuBackend>(grad_y_in, x, weight, lora_A, lora_B, magnitude, weight_norm, u, z_in,
                                           scaling, dropout_p, seed, need_grad_x);
   }
@@ -659,8 +771,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   using fastpeft::CpuBackend;
   m.impl("seeded_dropout", &fastpeft::seeded_dropout_impl<CpuBackend>);
-  m.impl("lora_forward", &fastpeft::lora_forward_impl<CpuBackend>);
-  m.impl("lora_backward", &fastpeft::lora_backward_impl<CpuBackend>);
+  m.impl("lora_forward", &fastpeft::lora_forward_cpu);
+  m.impl("lora_backward", &fastpeft::lora_backward_cpu);
   m.impl("dora_weight_norm", &fastpeft::dora_weight_norm_cpu);
   m.impl("dora_forward", &fastpeft::dora_forward_cpu);
   m.impl("dora_backward", &fastpeft::dora_backward_cpu);
