@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -243,6 +244,48 @@ FASTPEFT_AVX512 void fold_rows4_avx512(const T* w, int64_t ws, const float* A, c
 }
 #undef FASTPEFT_AVX512
 #pragma GCC diagnostic pop
+#endif
+
+// acc[k0 + k, j] += sum_i p[i, k0 + k] q[i, j] for k < 8 and the columns [j0, j0 + 16 NT) of q,
+// with AVX512-BF16 dot products over row pairs: pp[(i / 2) * ps + k] holds the bf16 bits of
+// p[i, k] (low half) and p[i + 1, k] (high half; 0 past the last row), and q's rows i, i + 1 are
+// interleaved into the matching pairs. An 8 x 16 NT block of fp32 accumulators stays in registers
+// (each broadcast of p feeds NT products, each q vector 8). acc has row stride accs.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTPEFT_HAVE_TN_BF16 1
+#define FASTPEFT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+alignas(64) constexpr uint16_t kPairIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+template <int NT>
+FASTPEFT_BF16_TARGET void tn_bf16_block(const uint32_t* pp, int64_t ps, int64_t k0, int64_t i0, int64_t i1,
+                                        const c10::BFloat16* q, int64_t qs, int64_t j0, float* acc, int64_t accs) {
+  const __m512i idx = _mm512_load_si512(reinterpret_cast<const void*>(kPairIdx));
+  __m512 a[8][NT];
+  for (int k = 0; k < 8; ++k)
+    for (int t = 0; t < NT; ++t) a[k][t] = _mm512_loadu_ps(acc + (k0 + k) * accs + j0 + 16 * t);
+  for (int64_t i = i0; i < i1; i += 2) {
+    const bool pair = i + 1 < i1;
+    __m512bh v[NT];
+    for (int t = 0; t < NT; ++t) {
+      const __m512i lo =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * qs + j0 + 16 * t)));
+      const __m512i hi = pair ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                    reinterpret_cast<const __m256i*>(q + (i + 1) * qs + j0 + 16 * t)))
+                              : _mm512_setzero_si512();
+      v[t] = (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
+    }
+    const uint32_t* pr = pp + (i / 2) * ps + k0;
+    for (int k = 0; k < 8; ++k) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pr[k]));
+      for (int t = 0; t < NT; ++t) a[k][t] = _mm512_dpbf16_ps(a[k][t], v[t], b);
+    }
+  }
+  for (int k = 0; k < 8; ++k)
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(acc + (k0 + k) * accs + j0 + 16 * t, a[k][t]);
+}
+#undef FASTPEFT_BF16_TARGET
 #endif
 
 FASTPEFT_CLONES void mult_seg(DropoutKey k, uint32_t lo, int64_t n, uint32_t thr, float scale, float* out) {
@@ -542,6 +585,68 @@ void col_dot_rows(const at::Tensor& g, const at::Tensor& z, at::Tensor& acc) {
   });
 }
 
+inline bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// acc += a^T b for acc [r, cols] (op math, contiguous), a [rows, r], b [rows, cols]: the AVX512-BF16
+// kernel for bf16 with unit column stride in b (~20% faster than oneDNN's bf16 GEMM for these
+// [r, rows] x [rows, cols] products at r = 16, and fp32 throughout), else accumulate_tn.
+void acc_tn(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+#ifdef FASTPEFT_HAVE_TN_BF16
+  const int64_t rows = a.size(0), r = a.size(1), cols = b.size(1);
+  if (b.scalar_type() == at::kBFloat16 && b.stride(1) == 1 && acc.is_contiguous() && cols >= 16 && rows > 0 &&
+      cpu_has_avx512_bf16()) {
+    const int64_t r8 = (r + 7) / 8 * 8, pairs = (rows + 1) / 2;
+    std::vector<uint32_t> pp(static_cast<size_t>(pairs * r8), 0u);
+    {
+      const c10::BFloat16* ap = a.const_data_ptr<c10::BFloat16>();
+      const int64_t s0 = a.stride(0), s1 = a.stride(1);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int shift = (i & 1) ? 16 : 0;
+        uint32_t* row = pp.data() + (i / 2) * r8;
+        for (int64_t k = 0; k < r; ++k) row[k] |= static_cast<uint32_t>(ap[i * s0 + k * s1].x) << shift;
+      }
+    }
+    at::Tensor pad = r8 == r ? acc : at::zeros({r8, cols}, acc.options());
+    float* accp = pad.mutable_data_ptr<float>();
+    const c10::BFloat16* qp = b.const_data_ptr<c10::BFloat16>();
+    const int64_t qs = b.stride(0);
+    const int64_t groups = cols / 48, tiles16 = (cols - groups * 48) / 16;  // 48-column groups, then 16
+    const int64_t units = groups + tiles16;
+    const int64_t grain = std::max<int64_t>(1, units / std::max(1, at::get_num_threads()));
+    at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
+      constexpr int64_t kBlk = 256;  // rows per block (even): 256 x 48 bf16 stay in L1 across the k chunks
+      for (int64_t i0 = 0; i0 < rows; i0 += kBlk) {
+        const int64_t i1 = std::min(rows, i0 + kBlk);
+        for (int64_t u = ub; u < ue; ++u) {
+          for (int64_t k0 = 0; k0 < r8; k0 += 8) {
+            if (u < groups) {
+              tn_bf16_block<3>(pp.data(), r8, k0, i0, i1, qp, qs, u * 48, accp, cols);
+            } else {
+              tn_bf16_block<1>(pp.data(), r8, k0, i0, i1, qp, qs, groups * 48 + (u - groups) * 16, accp, cols);
+            }
+          }
+        }
+      }
+    });
+    const int64_t c0 = groups * 48 + tiles16 * 16;
+    if (c0 < cols) {  // the last cols % 16 columns
+      pad.narrow(0, 0, r).narrow(1, c0, cols - c0).add_(
+          at::mm(a.t().to(at::kFloat), b.narrow(1, c0, cols - c0).to(at::kFloat)));
+    }
+    if (r8 != r) acc.add_(pad.narrow(0, 0, r));
+    return;
+  }
+#endif
+  accumulate_tn(acc, a, b);
+}
+
 // Folding costs out * in * r multiply-adds and saves N * out * r (forward) or N * in * r (backward):
 // it pays when the batch has at least as many rows as the dimension the saved GEMM does not share.
 inline bool fold_pays(int64_t rows, int64_t other_dim) { return rows >= other_dim; }
@@ -636,14 +741,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
       gub = gu.narrow(0, r0, rows);
       mm_alpha_out(gub, gb, lora_B, scaling);
     }
-    accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
+    acc_tn(accBt, u.narrow(0, r0, rows), gb);  // times s below
     if (need_grad_x) {
       at::Tensor gxb = grad_x.narrow(0, r0, rows);
       at::mm_out(gxb, gb, Wf);
     }
-    accumulate_tn(accA, gub, xb);
+    acc_tn(accA, gub, xb);
   }
-  return {grad_x, accA.to(x.scalar_type()), accBt.t().to(x.scalar_type()).contiguous()};
+  return {grad_x, accA.to(x.scalar_type()), accBt.t().mul(scaling).to(x.scalar_type()).contiguous()};
 }
 
 at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -752,12 +857,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
       gub = gu.narrow(0, r0, rows);
       mm_alpha_out(gub, gb, Bm, scaling);
     }
-    accumulate_tn(accBt, u.narrow(0, r0, rows), gb);
+    acc_tn(accBt, u.narrow(0, r0, rows), gb);
     if (need_grad_x) {
       at::Tensor gxc = grad_x.narrow(0, r0, rows);
       at::mm_out(gxc, gb, Wf);
     }
-    accumulate_tn(accA, gub, x.narrow(0, r0, rows));
+    acc_tn(accA, gub, x.narrow(0, r0, rows));
   }
   at::Tensor grad_B = accBt.t().mul(mn_col).mul_(scaling).to(x.scalar_type()).contiguous();
   at::Tensor grad_A = accA.to(x.scalar_type());
