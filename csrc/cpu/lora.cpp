@@ -285,6 +285,41 @@ FASTPEFT_BF16_TARGET void tn_bf16_block(const uint32_t* pp, int64_t ps, int64_t 
   for (int k = 0; k < 8; ++k)
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(acc + (k0 + k) * accs + j0 + 16 * t, a[k][t]);
 }
+// The folded weight for bf16 W, A, B: 4 rows x 64 columns per step like fold_rows4_avx512, but
+// B A by bf16 dot products over pairs of the rank (A2[(k / 2) * in + c] = A[k, c] | A[k + 1, c] << 16,
+// B2[i * rp + k / 2] likewise from B[i, k], B[i, k + 1]; zero past r): half the instructions of the
+// fp32 multiply-adds. W' = W + s (B A), the products exact, the sums in fp32.
+FASTPEFT_BF16_TARGET void fold_rows4_bf16dp(const c10::BFloat16* w, int64_t ws, const uint32_t* A2,
+                                            const uint32_t* B2, int64_t rp, int64_t in, float s, const float* scale,
+                                            c10::BFloat16* out, float* sq) {
+  __m512 ss[4];
+  for (int q = 0; q < 4; ++q) ss[q] = _mm512_setzero_ps();
+  const __m512 sv = _mm512_set1_ps(s);
+  const int64_t cend = in / 64 * 64;
+  for (int64_t c0 = 0; c0 < cend; c0 += 64) {
+    __m512 acc[4][4];
+    for (int q = 0; q < 4; ++q)
+      for (int j = 0; j < 4; ++j) acc[q][j] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < rp; ++kp) {
+      const uint32_t* a = A2 + kp * in + c0;
+      __m512bh av[4];
+      for (int j = 0; j < 4; ++j) av[j] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(a + 16 * j));
+      for (int q = 0; q < 4; ++q) {
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(B2[q * rp + kp]));
+        for (int j = 0; j < 4; ++j) acc[q][j] = _mm512_dpbf16_ps(acc[q][j], av[j], b);
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __m512 sc = _mm512_set1_ps(scale[q]);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_fmadd_ps(sv, acc[q][j], fold_ld(w + q * ws + c0 + 16 * j));
+        ss[q] = _mm512_fmadd_ps(v, v, ss[q]);
+        if (out != nullptr) fold_st(out + q * in + c0 + 16 * j, _mm512_mul_ps(v, sc));
+      }
+    }
+  }
+  for (int q = 0; q < 4; ++q) sq[q] += _mm512_reduce_add_ps(ss[q]);
+}
 #undef FASTPEFT_BF16_TARGET
 #endif
 
@@ -508,6 +543,15 @@ inline bool cpu_has_avx512() {
 #endif
 }
 
+inline bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Four rows of the folded weight through the AVX-512 kernel when the CPU and the dtype allow;
 // false (nothing done) otherwise.
 template <class T, class M>
@@ -517,6 +561,19 @@ bool fold_rows4(const T* w, int64_t ws, const M* A, const M* b, int64_t r, int64
   if constexpr (std::is_same_v<M, float>) {
     if (!cpu_has_avx512()) return false;
     fold_rows4_avx512(w, ws, A, b, r, in, scale, out, sq);
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Four bf16 rows of the folded weight through fold_rows4_bf16dp; false (nothing done) for other dtypes.
+template <class T, class M>
+bool fold_rows4_dp(const T* w, int64_t ws, const uint32_t* A2, const uint32_t* B2, int64_t rp, int64_t in, M s,
+                   const M* scale, T* out, M* sq) {
+#ifdef FASTPEFT_HAVE_TN_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    fold_rows4_bf16dp(w, ws, A2, B2, rp, in, s, scale, out, sq);
     return true;
   }
 #endif
@@ -545,6 +602,27 @@ at::Tensor fold_adapter(const at::Tensor& weight, const at::Tensor& lora_A, cons
     const M* sp = row_scale.defined() ? row_scale.const_data_ptr<M>() : nullptr;
     scalar_t* op_ = want_weight ? wout.mutable_data_ptr<scalar_t>() : nullptr;
     M* qp = sq != nullptr ? sq->mutable_data_ptr<M>() : nullptr;
+    // bf16 with AVX512-BF16: the rank's pairs of A and B as bf16 bits for fold_rows4_bf16dp.
+    std::vector<uint32_t> A2, B2;
+    const int64_t rp = (r + 1) / 2;
+    bool dp = false;
+#ifdef FASTPEFT_HAVE_TN_BF16
+    if (weight.scalar_type() == at::kBFloat16) {
+      dp = in >= 64 && out >= 4 && cpu_has_avx512_bf16();
+      if (dp) {
+        const at::Tensor Ac = lora_A.contiguous(), Bc = lora_B.contiguous();
+        const uint16_t* a16 = reinterpret_cast<const uint16_t*>(Ac.const_data_ptr<c10::BFloat16>());
+        const uint16_t* b16 = reinterpret_cast<const uint16_t*>(Bc.const_data_ptr<c10::BFloat16>());
+        A2.assign(static_cast<size_t>(rp * in), 0u);
+        B2.assign(static_cast<size_t>(out * rp), 0u);
+        for (int64_t k = 0; k < r; ++k) {
+          const int shift = (k & 1) ? 16 : 0;
+          for (int64_t c = 0; c < in; ++c) A2[(k / 2) * in + c] |= static_cast<uint32_t>(a16[k * in + c]) << shift;
+          for (int64_t i = 0; i < out; ++i) B2[i * rp + k / 2] |= static_cast<uint32_t>(b16[i * r + k]) << shift;
+        }
+      }
+    }
+#endif
     // Rows in groups of 4 (the AVX-512 kernel's step, when the CPU has it), the rest one at a time.
     const int64_t groups = (out + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(in * std::max<int64_t>(r, 1), 1));
@@ -555,7 +633,12 @@ at::Tensor fold_adapter(const at::Tensor& weight, const at::Tensor& lora_A, cons
         M sc4[4];
         for (int64_t q = 0; q < nr; ++q) sc4[q] = sp != nullptr ? sp[i0 + q] : M(1);
         int64_t cdone = 0;
-        if (nr == 4 && in >= 64 &&
+        if (dp && nr == 4 &&
+            fold_rows4_dp(wp + i0 * ws, ws, A2.data(), B2.data() + i0 * rp, rp, in, static_cast<M>(scaling), sc4,
+                          op_ != nullptr ? op_ + i0 * in : nullptr, sq4)) {
+          cdone = in / 64 * 64;
+        }
+        if (cdone == 0 && nr == 4 && in >= 64 &&
             fold_rows4(wp + i0 * ws, ws, ap, bp + i0 * r, r, in, sc4, op_ != nullptr ? op_ + i0 * in : nullptr, sq4)) {
           cdone = in / 64 * 64;
         }
@@ -585,14 +668,6 @@ void col_dot_rows(const at::Tensor& g, const at::Tensor& z, at::Tensor& acc) {
   });
 }
 
-inline bool cpu_has_avx512_bf16() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // acc += a^T b for acc [r, cols] (op math, contiguous), a [rows, r], b [rows, cols]: the AVX512-BF16
 // kernel for bf16 with unit column stride in b (~20% faster than oneDNN's bf16 GEMM for these
