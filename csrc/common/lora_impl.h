@@ -187,6 +187,17 @@ inline void accumulate_tn_alpha(at::Tensor& acc, const at::Tensor& a, const at::
   }
 }
 
+// A [rows, cols] tensor an op returns only to be saved for its backward: from the backend's
+// `saved(rows, cols, opts)` where it has one (the CPU recycles these buffers), else at::empty.
+template <class BK>
+at::Tensor saved_rows(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  if constexpr (requires { BK::saved(rows, cols, opts); }) {
+    return BK::saved(rows, cols, opts);
+  } else {
+    return at::empty({rows, cols}, opts);
+  }
+}
+
 template <class BK>
 at::Tensor seeded_dropout_impl(const at::Tensor& x, double p, const at::Tensor& seed) {
   check_dim(x, 2, "x");
@@ -396,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
   at::Tensor mn = magnitude.to(op).div(weight_norm.to(op)).contiguous();  // m / n
   at::Tensor y = at::empty({n, out}, x.options());
   at::Tensor u = at::empty({n, r}, x.options());
-  at::Tensor z = at::empty({n, out}, x.options());
+  at::Tensor z = saved_rows<BK>(n, out, x.options());
   if (n == 0) return {y, u, z};
   const at::Tensor Bt = lora_B.t().contiguous();  // [r, out] (see lora_forward_impl)
   if (!d.active) {

@@ -537,7 +537,8 @@ def dora_linear(
     out_f = weight.shape[0]
     if not _use_kernel(x):
         return _ref.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed)
-    weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling).detach()
+    with torch.no_grad():  # the arguments are checked above (dora_weight_norm would check them again)
+        weight_norm = _ops.dora_weight_norm(weight, lora_A, lora_B, float(scaling))
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y, _, _ = _ops.dora_forward(
