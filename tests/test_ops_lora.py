@@ -642,3 +642,40 @@ def test_cuda_gradcheck_and_opcheck():
     torch.library.opcheck(fp.lora_forward.default, (xf.requires_grad_(), wf, bf, af.requires_grad_(), bbf, 0.5, 0.2, SEED))
     nf = fp.dora_weight_norm(wf, af, bbf, 0.5)
     torch.library.opcheck(fp.dora_forward.default, (xf, wf, bf, af, bbf, mf.requires_grad_(), nf, 0.5, 0.2, SEED))
+
+
+@pytest.mark.parametrize("dtype, b_scale", [(torch.bfloat16, 3e-5), (torch.float16, 3e-6)])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_half_precision_keeps_a_young_adapter(dtype, b_scale, kind):
+    """An adapter whose s*B*A is mostly below half an ulp of W must still move y (in expectation), as the unfused
+    math does: folding W + s*B*A into a bf16/fp16 weight would round it away (y close to the base's)."""
+    torch.manual_seed(0)
+    n, d, r, s = 1024, 256, 8, 2.0  # n >= d: the shape where a CPU kernel might fold
+    x = torch.randn(n, d).to(dtype)
+    w = (torch.randn(d, d) * 0.05).to(dtype)
+    a = (torch.randn(r, d) * 0.05).to(dtype)
+    b = (torch.randn(d, r) * b_scale).to(dtype)
+    zero = torch.zeros_like(b)
+    folded = (w.float() + s * b.float() @ a.float()).to(dtype)
+    if kind == "lora":
+        y, y0 = (ops.lora_linear(x, w, None, a, bb, s).float() for bb in (b, zero))
+        y_folded = torch.nn.functional.linear(x, folded).float()
+    else:
+        m = torch.linalg.vector_norm(w.float(), dim=1).to(dtype)  # magnitude of the base rows
+        y, y0 = (ops.dora_linear(x, w, None, a, bb, m, s).float() for bb in (b, zero))
+        norm = torch.linalg.vector_norm(w.float() + s * b.float() @ a.float(), dim=1)
+        y_folded = torch.nn.functional.linear(x, (folded.float() * (m.float() / norm)[:, None]).to(dtype)).float()
+    if kind == "lora":
+        exact = s * (x.float() @ a.float().t()) @ b.float().t()
+    else:  # the change of DoRA's output in float32
+        f32 = [t.float() for t in (x, w)]
+        exact = (ref.dora_linear(*f32, None, a.float(), b.float(), m.float(), s, 0.0, None)
+                 - ref.dora_linear(*f32, None, a.float(), zero.float(), m.float(), s, 0.0, None))
+
+    def corr(yy):
+        return torch.corrcoef(torch.stack([(yy - y0).flatten(), exact.flatten()]))[0, 1].item()
+
+    margin = 0.15 if kind == "lora" else 0.05  # DoRA's rescale adds its own rounding of the output
+    assert corr(y) > corr(y_folded) + margin, (
+        f"{kind} {dtype}: the adapter's contribution was rounded away (correlation {corr(y):.3f}, a folded weight "
+        f"gives {corr(y_folded):.3f})")
