@@ -17,6 +17,7 @@ OPS = [
     "hadamard_linear_forward", "hadamard_linear_backward",
     "cayley", "cayley_backward",
     "block_diag_rotate", "block_diag_rotate_backward", "butterfly_rotate", "butterfly_rotate_backward",
+    "segmented_lora",
 ]
 
 
