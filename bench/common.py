@@ -34,7 +34,7 @@ import torch
 SUITE_MODULES = [
     "bench.bench_lora", "bench.bench_llama", "bench.bench_nf4", "bench.bench_nf4_cuda", "bench.bench_lycoris",
     "bench.bench_lycoris_ops", "bench.bench_oft", "bench.bench_ia3", "bench.bench_rotate_ops", "bench.bench_methods",
-    "bench.bench_adalora",
+    "bench.bench_adalora", "bench.bench_mixed",
 ]
 
 SUITES: Dict[str, Callable[["BenchContext"], "SuiteResult"]] = {}
@@ -143,7 +143,7 @@ class Ratio:
     label: str
     value: Optional[float]
     target: Optional[Target] = None
-    kind: str = "speedup"  # "speedup" (x, bigger better), "memory" (x, smaller better), "overhead" (%)
+    kind: str = "speedup"  # "speedup" (x, bigger better), "memory"/"scaling" (x, smaller better), "overhead" (%)
 
     @property
     def status(self) -> str:
@@ -461,12 +461,13 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
     except Exception:  # noqa: BLE001
         return None
     os.makedirs(out_dir, exist_ok=True)
-    kinds = [k for k in ("speedup", "memory", "overhead") if any(p.kind == k for p in points)]
+    kinds = [k for k in ("speedup", "memory", "overhead", "scaling") if any(p.kind == k for p in points)]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 0.42 * len(points) + 1.6 * len(kinds)), squeeze=False)
     xlabels = {
         "speedup": "speed-up (x), higher is better; | = target",
         "memory": "saved-activation bytes ratio (x), lower is better; | = target",
         "overhead": "overhead over frozen base layer (%), lower is better; | = target",
+        "scaling": "time / the same implementation's baseline time (x), lower is better; | = target",
     }
     for ax, kind in zip(axes[:, 0], kinds):
         pts = [p for p in points if p.kind == kind]
@@ -482,7 +483,7 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
             ax.text(p.value, y, f" {_fmt_num(p.value)}", va="center", fontsize=7)
         ax.set_yticks(ys)
         ax.set_yticklabels([p.label for p in pts], fontsize=7)
-        if kind in ("speedup", "memory"):
+        if kind in ("speedup", "memory", "scaling"):
             ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xlabel(xlabels[kind], fontsize=8)
     fig.suptitle(f"fastpeft bench: {result.suite} on {result.device}", fontsize=10)
