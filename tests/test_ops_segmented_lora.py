@@ -32,11 +32,14 @@ def _ref64(x, A, B, scal, idx):
     return ref.segmented_lora(x.double(), [a.double() for a in A], [b.double() for b in B], scal, idx)
 
 
+@pytest.mark.parametrize("b_t", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,in_f,out_f,ranks", [
     (0, 8, 5, [2]), (1, 8, 5, [2]), (33, 19, 23, [4, 16, 0, 7]), (64, 64, 48, [16] * 9), (17, 5, 3, [1, 3])])
-def test_segmented_lora_vs_reference(dtype, T, in_f, out_f, ranks):
+def test_segmented_lora_vs_reference(dtype, T, in_f, out_f, ranks, b_t):
     x, A, B, scal, idx = _case(T, in_f, out_f, ranks, dtype)
+    if b_t:  # lora_B as a transposed view of a contiguous [r, out] (the layers' cached layout)
+        B = [b.t().contiguous().t() for b in B]
     y = ops.segmented_lora(x, A, B, scal, idx)
     assert y.dtype == dtype and y.shape == (T, out_f)
     close(y, _ref64(x, A, B, scal, idx), dtype, "delta")

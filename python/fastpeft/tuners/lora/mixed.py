@@ -87,7 +87,7 @@ def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwa
     for n in mixed.names:
         if n in layer.lora_A:
             lora_A.append(layer.lora_A[n].weight.to(dtype))
-            lora_B.append(layer.lora_B[n].weight.to(dtype))
+            lora_B.append(_b_for_kernel(layer, n, dtype, device))
             scalings.append(float(layer.scaling[n]))
         else:  # an adapter this layer lacks: rank 0, its rows get the base output only (as in peft)
             lora_A.append(torch.empty((0, in_f), dtype=dtype, device=device))
@@ -95,6 +95,21 @@ def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwa
             scalings.append(0.0)
     delta = ops.segmented_lora(x.to(dtype), lora_A, lora_B, scalings, mixed.index_for(x))
     return result + delta.to(result.dtype)
+
+
+def _b_for_kernel(layer, name: str, dtype, device) -> torch.Tensor:
+    """lora_B [out, r] for the op. On the CPU: a transposed view of a cached contiguous B^T [r, out], which
+    gives the kernel a vectorised expand; rebuilt when the weight changes (in-place version or storage)."""
+    w = layer.lora_B[name].weight
+    if device.type != "cpu":
+        return w.to(dtype)
+    cache = layer.__dict__.setdefault("_fastpeft_bt_cache", {})
+    key = (w.data_ptr(), w._version, dtype, tuple(w.shape))
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, w.detach().to(dtype).t().contiguous())
+        cache[name] = hit
+    return hit[1].t()
 
 
 def _pre_forward_hook(module, args, kwargs, mixed: MixedBatch):
