@@ -1667,14 +1667,22 @@ def segmented_lora(x: Tensor, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor]
     Gradients flow to x, lora_A and lora_B.
     """
     in_f, out_f = _segmented_check(x, lora_A, lora_B, scalings, adapter_index)
+    return _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f, out_f)
+
+
+def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: int, out_f: int,
+                            check_range: bool = True) -> Tensor:
+    """segmented_lora without the per-adapter Python checks (the kernels check every argument again): for
+    callers that built the arguments themselves (the LoRA layers), where O(n) Python checks per layer and
+    forward would cost more than the op."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f)
     idx = adapter_index.reshape(-1)
     n = len(lora_A)
-    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
+    if check_range and idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
         raise ValueError(f"'adapter_index' values must be -1 (no adapter) or in [0, {n}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
-    scal = [float(s) for s in scalings]
+    scal = scalings if check_range is False else [float(s) for s in scalings]
     if not _use_kernel(x):
         y = _ref.segmented_lora(x2, list(lora_A), list(lora_B), scal, idx)
     else:

@@ -82,19 +82,45 @@ def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwa
     dtype = layer.lora_A[present[0]].weight.dtype
     in_f = layer.lora_A[present[0]].weight.shape[1]
     out_f = layer.lora_B[present[0]].weight.shape[0]
-    device = x.device
-    lora_A, lora_B, scalings = [], [], []
-    for n in mixed.names:
+    lora_A, lora_B, scalings = _layer_args(layer, mixed.names, dtype, x.device, in_f, out_f)
+    delta = ops._segmented_lora_checked(x.to(dtype), lora_A, lora_B, scalings, mixed.index_for(x), in_f, out_f,
+                                        check_range=False)
+    return result + delta.to(result.dtype)
+
+
+def _layer_args(layer, names: list, dtype, device, in_f: int, out_f: int):
+    """(lora_A, lora_B, scalings) lists for the op, in the order of `names`; cached on the layer for the same
+    names and revalidated cheaply (same parameters, unchanged in place, same scalings), so generate's steps
+    and repeated batches skip rebuilding them."""
+    key = (tuple(names), dtype, device)
+    cache = layer.__dict__.setdefault("_fastpeft_mixed_args", {})
+    hit = cache.get(key)
+    stamp = []
+    for n in names:
         if n in layer.lora_A:
-            lora_A.append(layer.lora_A[n].weight.to(dtype))
+            a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
+            stamp.append((a, (a._version, a.data_ptr()), b, (b._version, b.data_ptr()), layer.scaling[n]))
+        else:
+            stamp.append(None)
+    if hit is not None and len(hit[0]) == len(stamp) and all(
+            (p is None and q is None) or (p is not None and q is not None and p[0] is q[0] and p[1] == q[1]
+                                          and p[2] is q[2] and p[3] == q[3] and p[4] == q[4])
+            for p, q in zip(hit[0], stamp)):
+        return hit[1]
+    lora_A, lora_B, scalings = [], [], []
+    for n, st in zip(names, stamp):
+        if st is not None:
+            lora_A.append(st[0].detach().to(dtype) if st[0].dtype != dtype else st[0])
             lora_B.append(_b_for_kernel(layer, n, dtype, device))
-            scalings.append(float(layer.scaling[n]))
+            scalings.append(float(st[4]))
         else:  # an adapter this layer lacks: rank 0, its rows get the base output only (as in peft)
             lora_A.append(torch.empty((0, in_f), dtype=dtype, device=device))
             lora_B.append(torch.empty((out_f, 0), dtype=dtype, device=device))
             scalings.append(0.0)
-    delta = ops.segmented_lora(x.to(dtype), lora_A, lora_B, scalings, mixed.index_for(x))
-    return result + delta.to(result.dtype)
+    if len(cache) > 8:
+        cache.clear()
+    cache[key] = (stamp, (lora_A, lora_B, scalings))
+    return lora_A, lora_B, scalings
 
 
 def _b_for_kernel(layer, name: str, dtype, device) -> torch.Tensor:
