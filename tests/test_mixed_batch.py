@@ -132,3 +132,32 @@ def test_layer_accepts_adapter_names_directly():
     y = layer(x, adapter_names=["default", "__base__", "default"])
     torch.testing.assert_close(y[1], lin(x[1]))
     torch.testing.assert_close(y[0], layer(x[:1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weight_updates_and_scaling_changes_are_seen():
+    """The layers cache the op's argument lists (and B^T); in-place updates, reassigned weights and new
+    scalings must show up in the next mixed forward."""
+    fm, _ = _pair()
+    batch = inputs(batch=3, seq=4)
+    names = ["alpha", "beta", "__base__"]
+
+    def fresh():
+        out = []
+        for i, name in enumerate(names[:2]):
+            fm.set_adapter(name)
+            out.append(logits(fm, {k: v[i:i + 1] for k, v in batch.items()}))
+        fm.set_adapter("alpha")
+        return torch.cat(out)
+
+    logits(fm, dict(batch, adapter_names=names))  # fill the caches
+    with torch.no_grad():
+        for name, p in fm.named_parameters():
+            if "lora_B.beta" in name:
+                p.mul_(3.0)  # in place
+            if "lora_A.alpha" in name:
+                p.data = p.data * 0.5  # new storage
+    for module in fm.modules():
+        if isinstance(getattr(module, "scaling", None), dict) and "beta" in module.scaling:
+            module.scaling["beta"] *= 2.0
+    got = logits(fm, dict(batch, adapter_names=names))
+    torch.testing.assert_close(got[:2], fresh(), atol=1e-4, rtol=1e-4)
