@@ -118,11 +118,35 @@ def test_dora_is_refused_like_peft():
         fm(**inputs(batch=2, seq=3), adapter_names=["default", "__base__"])
 
 
-def test_embedding_target_is_a_clear_error():
+def test_embedding_and_linear_targets_match_peft():
     base = tiny_llama()
-    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])).eval()
-    with pytest.raises(NotImplementedError, match="LoRA Linear layers only"):
-        fm(**inputs(batch=2, seq=3), adapter_names=["default", "__base__"])
+    kws = {"emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+           "lin": dict(r=2, lora_alpha=2, target_modules=["v_proj", "embed_tokens"])}
+    fm = fastpeft.get_peft_model(copy.deepcopy(base), make_configs(kws["emb"])[1], adapter_name="emb")
+    fm.add_adapter("lin", make_configs(kws["lin"])[1])
+    randomize_adapter(fm, seed=9)
+    pm = peft.get_peft_model(copy.deepcopy(base), make_configs(kws["emb"])[0], adapter_name="emb")
+    pm.add_adapter("lin", make_configs(kws["lin"])[0])
+    for n in kws:
+        peft.set_peft_model_state_dict(pm, fastpeft.get_peft_model_state_dict(fm, adapter_name=n), n)
+    batch = inputs(batch=4, seq=5)
+    names = ["lin", "emb", "__base__", "emb"]
+    torch.testing.assert_close(logits(fm.eval(), dict(batch, adapter_names=names)),
+                               logits(pm.eval(), dict(batch, adapter_names=names)), atol=1e-4, rtol=1e-4)
+
+
+def test_conv_target_is_a_clear_error():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    fm = fastpeft.get_peft_model(Net(), fastpeft.LoraConfig(r=2, target_modules=["conv"])).eval()
+    with pytest.raises(NotImplementedError, match="LoRA Linear and Embedding layers only"):
+        fm(torch.randn(2, 4, 8), adapter_names=["default", "__base__"])
 
 
 def test_layer_accepts_adapter_names_directly():

@@ -538,7 +538,13 @@ class Embedding(nn.Module, LoraLayer):
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = kwargs.get("adapter_names")
         active = self._adapters_to_apply(x, args, kwargs)
+        if mixed is not None and not self.disable_adapters:
+            from .mixed import MixedBatch, mixed_embedding_forward
+
+            mixed = mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed)
+            return mixed_embedding_forward(self, x, mixed, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not active:
             return result

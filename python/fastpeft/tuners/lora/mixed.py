@@ -143,10 +143,28 @@ def _pre_forward_hook(module, args, kwargs, mixed: MixedBatch):
     return args, kwargs
 
 
-def supports_mixed(layer) -> bool:
-    from .layer import Linear
+def mixed_embedding_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwargs) -> torch.Tensor:
+    """LoRA Embedding over a mixed batch (peft's math: the shrink is a gather of A's columns, so it runs per
+    adapter present in the batch; embeddings are one layer per model)."""
+    result = layer.base_layer(x, *args, **kwargs)
+    embed_scale = layer._embed_scale()
+    for k, name in enumerate(mixed.names):
+        if name not in layer.lora_embedding_A:
+            continue
+        sel = (mixed.rows == k).nonzero().flatten().to(x.device)
+        A, B = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+        out = (layer._embed(x.index_select(0, sel), A.T) @ B.T) * layer.scaling[name]
+        if embed_scale is not None:
+            out = out * embed_scale.to(out.dtype)
+        result = result.index_add(0, sel, out.to(result.dtype))
+    return result
 
-    return isinstance(layer, Linear) and type(layer).forward is Linear.forward
+
+def supports_mixed(layer) -> bool:
+    from .layer import Embedding, Linear
+
+    return ((isinstance(layer, Linear) and type(layer).forward is Linear.forward)
+            or (isinstance(layer, Embedding) and type(layer).forward is Embedding.forward))
 
 
 def install_hooks(model, adapter_names, num_beams=None) -> list:
@@ -171,8 +189,8 @@ def install_hooks(model, adapter_names, num_beams=None) -> list:
     for layer in layers:
         if not supports_mixed(layer):
             raise NotImplementedError(
-                f"fastpeft: `adapter_names` (mixed-adapter batches) supports LoRA Linear layers only, got "
-                f"lora.{type(layer).__name__}; target Linear layers or call set_adapter() instead")
+                f"fastpeft: `adapter_names` (mixed-adapter batches) supports LoRA Linear and Embedding layers only, got "
+                f"lora.{type(layer).__name__}; target Linear/Embedding layers or call set_adapter() instead")
     if any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules()):
         raise NotImplementedError(
             "fastpeft: `adapter_names` (mixed-adapter batches) with modules_to_save / trainable tokens is not supported")
