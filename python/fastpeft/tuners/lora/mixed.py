@@ -73,54 +73,66 @@ def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwa
     from ... import ops
 
     result = layer.base_layer(x, *args, **kwargs)
-    present = [n for n in mixed.names if n in layer.lora_A]
-    if not present:
+    op_args = _layer_args(layer, mixed.names, x.device)
+    if op_args is None:  # no adapter of the batch on this layer
         return result
-    for n in present:
-        if layer.lora_bias.get(n, False):
-            raise NotImplementedError("fastpeft: `adapter_names` with lora_bias=True adapters is not supported")
-    dtype = layer.lora_A[present[0]].weight.dtype
-    in_f = layer.lora_A[present[0]].weight.shape[1]
-    out_f = layer.lora_B[present[0]].weight.shape[0]
-    lora_A, lora_B, scalings = _layer_args(layer, mixed.names, dtype, x.device, in_f, out_f)
+    dtype, in_f, out_f, lora_A, lora_B, scalings = op_args
     delta = ops._segmented_lora_checked(x.to(dtype), lora_A, lora_B, scalings, mixed.index_for(x), in_f, out_f,
                                         check_range=False)
     return result + delta.to(result.dtype)
 
 
-def _layer_args(layer, names: list, dtype, device, in_f: int, out_f: int):
-    """(lora_A, lora_B, scalings) lists for the op, in the order of `names`; cached on the layer for the same
-    names and revalidated cheaply (same parameters, unchanged in place, same scalings), so generate's steps
-    and repeated batches skip rebuilding them."""
-    key = (tuple(names), dtype, device)
-    cache = layer.__dict__.setdefault("_fastpeft_mixed_args", {})
-    hit = cache.get(key)
-    stamp = []
+def _stamp(layer, names: list) -> list:
+    """What the cached op arguments depend on, per adapter: its parameters (identity, in-place version,
+    storage) and scaling. Plain dict reads (no nn.Module attribute lookups): O(n) but cheap."""
+    la, lb, sc = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
+    out = []
     for n in names:
-        if n in layer.lora_A:
-            a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
-            stamp.append((a, (a._version, a.data_ptr()), b, (b._version, b.data_ptr()), layer.scaling[n]))
-        else:
-            stamp.append(None)
-    if hit is not None and len(hit[0]) == len(stamp) and all(
-            (p is None and q is None) or (p is not None and q is not None and p[0] is q[0] and p[1] == q[1]
-                                          and p[2] is q[2] and p[3] == q[3] and p[4] == q[4])
-            for p, q in zip(hit[0], stamp)):
+        ma = la.get(n)
+        if ma is None:
+            out.append(None)
+            continue
+        a, b = ma._parameters["weight"], lb[n]._parameters["weight"]
+        out.append((id(a), a._version, a.data_ptr(), a.dtype, id(b), b._version, b.data_ptr(), sc[n]))
+    return out
+
+
+def _layer_args(layer, names: list, device):
+    """(dtype, in, out, lora_A, lora_B, scalings) for the op, in the order of `names` (None when no adapter of
+    `names` is on this layer); cached on the layer per names and revalidated by `_stamp`, so generate's steps
+    and repeated batches skip rebuilding them."""
+    key = (tuple(names), device)
+    cache = layer.__dict__.setdefault("_fastpeft_mixed_args", {})
+    stamp = _stamp(layer, names)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
         return hit[1]
-    lora_A, lora_B, scalings = [], [], []
-    for n, st in zip(names, stamp):
-        if st is not None:
-            lora_A.append(st[0].detach().to(dtype) if st[0].dtype != dtype else st[0])
-            lora_B.append(_b_for_kernel(layer, n, dtype, device))
-            scalings.append(float(st[4]))
-        else:  # an adapter this layer lacks: rank 0, its rows get the base output only (as in peft)
-            lora_A.append(torch.empty((0, in_f), dtype=dtype, device=device))
-            lora_B.append(torch.empty((out_f, 0), dtype=dtype, device=device))
-            scalings.append(0.0)
+    present = [n for n, st in zip(names, stamp) if st is not None]
+    if not present:
+        args = None
+    else:
+        for n in present:
+            if layer.lora_bias.get(n, False):
+                raise NotImplementedError("fastpeft: `adapter_names` with lora_bias=True adapters is not supported")
+        first = layer.lora_A[present[0]].weight
+        dtype, in_f = first.dtype, first.shape[1]
+        out_f = layer.lora_B[present[0]].weight.shape[0]
+        lora_A, lora_B, scalings = [], [], []
+        for n, st in zip(names, stamp):
+            if st is not None:
+                a = layer.lora_A[n].weight
+                lora_A.append(a.detach().to(dtype) if a.dtype != dtype else a)
+                lora_B.append(_b_for_kernel(layer, n, dtype, device))
+                scalings.append(float(st[-1]))
+            else:  # an adapter this layer lacks: rank 0, its rows get the base output only (as in peft)
+                lora_A.append(torch.empty((0, in_f), dtype=dtype, device=device))
+                lora_B.append(torch.empty((out_f, 0), dtype=dtype, device=device))
+                scalings.append(0.0)
+        args = (dtype, in_f, out_f, lora_A, lora_B, scalings)
     if len(cache) > 8:
         cache.clear()
-    cache[key] = (stamp, (lora_A, lora_B, scalings))
-    return lora_A, lora_B, scalings
+    cache[key] = (stamp, args)
+    return args
 
 
 def _b_for_kernel(layer, name: str, dtype, device) -> torch.Tensor:
