@@ -84,6 +84,10 @@ def bench_dtype(ctx: BenchContext, res: SuiteResult, table: Table, dtype, d: int
             res.ratios.append(Ratio(f"{dtype_name(dtype)} {impl} n={n} / n=1", ratio,
                                     target if impl == "fastpeft" else None, kind="scaling"))
         table.add(**row)
+        curves = res.meta.setdefault("curves", {
+            "x": list(NS), "xlabel": f"distinct adapters among the {rows} rows",
+            "ylabel": "forward time / same library's 1-adapter time", "target": 1.5, "series": {}})
+        curves["series"][f"{impl} {dtype_name(dtype)}"] = [1.0] + [row[f"n={n}/n=1"] for n in NS[1:]]
     for n in NS:
         res.ratios.append(Ratio(f"{dtype_name(dtype)} n={n}: peft / fastpeft", t.ratio(f"peft n={n}", f"fastpeft n={n}"),
                                 None, kind="speedup"))

@@ -491,7 +491,34 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
     path = os.path.join(out_dir, f"{result.suite}-{result.device}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    curves = result.meta.get("curves")
+    if curves:
+        save_curves(curves, os.path.join(out_dir, f"{result.suite}-{result.device}-curves.png"),
+                    f"fastpeft bench: {result.suite} on {result.device}")
     return path
+
+
+def save_curves(curves: Dict[str, Any], path: str, title: str) -> None:
+    """Line plot of `curves` = {"x": [...], "xlabel": str, "ylabel": str, "target": float or None,
+    "series": {label: [y per x]}} (log2 x axis), next to the bar plot."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, ys in curves["series"].items():
+        ax.plot(curves["x"], ys, marker="o", label=label)
+    if curves.get("target") is not None:
+        ax.axhline(curves["target"], color="black", ls="--", lw=1, label=f"target {curves['target']}x")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curves["x"])
+    ax.set_xticklabels([str(v) for v in curves["x"]])
+    ax.set_xlabel(curves.get("xlabel", ""))
+    ax.set_ylabel(curves.get("ylabel", ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mb(nbytes: Optional[int]) -> Optional[float]:

@@ -259,3 +259,5 @@ def test_mixed_suite_quick_tiny(tmp_path):
     assert {r["impl"] for r in rows} == {"fastpeft", "peft"}
     assert all(r["n=64 ms"] > 0 and r["single ms"] > 0 for r in rows)
     assert {f"fp32 fastpeft n={n} / n=1" for n in (4, 16, 64)} <= {r.label for r in res.ratios if r.kind == "scaling"}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "mixed-cpu-curves.png").exists()
