@@ -43,7 +43,6 @@ __all__ = [
     "block_diag_rotate_grads",
     "butterfly_rotate",
     "segmented_lora",
-    "group_rows",
     "butterfly_rotate_grads",
 ]
 
@@ -1637,15 +1636,6 @@ def _segmented_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastpeft::segmented_lora", _segmented_backward, setup_context=_segmented_setup)
-
-
-def group_rows(adapter_names: Sequence[str], names: Sequence[str], base_name: str = "__base__") -> Tensor:
-    """Map per-row adapter names to an int64 CPU tensor of indices into ``names`` (-1 for ``base_name``).
-
-    Computed once per model forward and shared by every layer (see fastpeft.tuners.base).
-    """
-    pos = {name: i for i, name in enumerate(names)}
-    return torch.tensor([-1 if a == base_name else pos[a] for a in adapter_names], dtype=torch.int64)
 
 
 def segmented_lora(x: Tensor, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scalings: Sequence[float],
