@@ -159,3 +159,16 @@ def test_cuda_segmented_lora_gradcheck_opcheck():
                                     args)
     torch.library.opcheck(fp.segmented_lora.default, (x.detach().float(), [a.detach().float() for a in A],
                                                       [b.detach().float() for b in B], scal, idx))
+
+
+def test_segmented_lora_torch_compile_fullgraph():
+    x, A, B, scal, idx = _case(12, 8, 6, [2, 4], torch.float32)
+    x.requires_grad_(True)
+
+    def f(x, a0, a1, b0, b1, idx):
+        return ops.segmented_lora(x, [a0, a1], [b0, b1], scal, idx)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y_c, y_e = compiled(x, *A, *B, idx), f(x, *A, *B, idx)
+    torch.testing.assert_close(y_c, y_e)
+    torch.testing.assert_close(torch.autograd.grad(y_c.sum(), x)[0], torch.autograd.grad(y_e.sum(), x)[0])

@@ -1669,7 +1669,9 @@ def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: in
     x2 = x.reshape(-1, in_f)
     idx = adapter_index.reshape(-1)
     n = len(lora_A)
-    if check_range and idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
+    # (data-dependent: skipped under torch.compile, where the CPU kernel's own check still raises)
+    if (check_range and idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling()
+            and (int(idx.min()) < -1 or int(idx.max()) >= n)):
         raise ValueError(f"'adapter_index' values must be -1 (no adapter) or in [0, {n}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
     scal = scalings if check_range is False else [float(s) for s in scalings]
