@@ -34,7 +34,7 @@ import torch
 SUITE_MODULES = [
     "bench.bench_lora", "bench.bench_llama", "bench.bench_nf4", "bench.bench_nf4_cuda", "bench.bench_lycoris",
     "bench.bench_lycoris_ops", "bench.bench_oft", "bench.bench_ia3", "bench.bench_rotate_ops", "bench.bench_methods",
-    "bench.bench_adalora", "bench.bench_xlora",
+    "bench.bench_adalora", "bench.bench_xlora", "bench.bench_mixed",
 ]
 
 SUITES: Dict[str, Callable[["BenchContext"], "SuiteResult"]] = {}
@@ -143,7 +143,7 @@ class Ratio:
     label: str
     value: Optional[float]
     target: Optional[Target] = None
-    kind: str = "speedup"  # "speedup" (x, bigger better), "memory" (x, smaller better), "overhead" (%)
+    kind: str = "speedup"  # "speedup" (x, bigger better), "memory"/"scaling" (x, smaller better), "overhead" (%)
 
     @property
     def status(self) -> str:
@@ -461,12 +461,13 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
     except Exception:  # noqa: BLE001
         return None
     os.makedirs(out_dir, exist_ok=True)
-    kinds = [k for k in ("speedup", "memory", "overhead") if any(p.kind == k for p in points)]
+    kinds = [k for k in ("speedup", "memory", "overhead", "scaling") if any(p.kind == k for p in points)]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 0.42 * len(points) + 1.6 * len(kinds)), squeeze=False)
     xlabels = {
         "speedup": "speed-up (x), higher is better; | = target",
         "memory": "saved-activation bytes ratio (x), lower is better; | = target",
         "overhead": "overhead over frozen base layer (%), lower is better; | = target",
+        "scaling": "time / the same implementation's baseline time (x), lower is better; | = target",
     }
     for ax, kind in zip(axes[:, 0], kinds):
         pts = [p for p in points if p.kind == kind]
@@ -482,7 +483,7 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
             ax.text(p.value, y, f" {_fmt_num(p.value)}", va="center", fontsize=7)
         ax.set_yticks(ys)
         ax.set_yticklabels([p.label for p in pts], fontsize=7)
-        if kind in ("speedup", "memory"):
+        if kind in ("speedup", "memory", "scaling"):
             ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xlabel(xlabels[kind], fontsize=8)
     fig.suptitle(f"fastpeft bench: {result.suite} on {result.device}", fontsize=10)
@@ -490,7 +491,34 @@ def save_plot(result: SuiteResult, out_dir: str) -> Optional[str]:
     path = os.path.join(out_dir, f"{result.suite}-{result.device}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    curves = result.meta.get("curves")
+    if curves:
+        save_curves(curves, os.path.join(out_dir, f"{result.suite}-{result.device}-curves.png"),
+                    f"fastpeft bench: {result.suite} on {result.device}")
     return path
+
+
+def save_curves(curves: Dict[str, Any], path: str, title: str) -> None:
+    """Line plot of `curves` = {"x": [...], "xlabel": str, "ylabel": str, "target": float or None,
+    "series": {label: [y per x]}} (log2 x axis), next to the bar plot."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, ys in curves["series"].items():
+        ax.plot(curves["x"], ys, marker="o", label=label)
+    if curves.get("target") is not None:
+        ax.axhline(curves["target"], color="black", ls="--", lw=1, label=f"target {curves['target']}x")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curves["x"])
+    ax.set_xticklabels([str(v) for v in curves["x"]])
+    ax.set_xlabel(curves.get("xlabel", ""))
+    ax.set_ylabel(curves.get("ylabel", ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mb(nbytes: Optional[int]) -> Optional[float]:

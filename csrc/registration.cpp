@@ -70,6 +70,15 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor u, bool need_grad_x=True, bool need_grad_weights=True, float dropout_p=0., Tensor? seed=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // Mixed-adapter batches (segmented multi-LoRA, punica SGMV/BGMV style): x [T, in], adapter k has
+  // lora_A[k] [r_k, in] and lora_B[k] [out, r_k] (ranks may differ, r_k = 0 allowed), scaling
+  // scalings[k]; adapter_index int64 [T] on x's device, row t uses adapter adapter_index[t], -1 = none.
+  // Returns delta [T, out] in x's dtype: delta[t] = s_k (x[t] A_k^T) B_k^T, zero rows for -1.
+  // Rows are grouped by adapter; work is O(sum over rows of r_k (in + out)), independent of n.
+  m.def(
+      "segmented_lora(Tensor x, Tensor[] lora_A, Tensor[] lora_B, float[] scalings, Tensor adapter_index) "
+      "-> Tensor");
+
   // ---- nf4 family --------------------------------------------------------------------------
   // bitsandbytes 0.50.2's NF4 bytes (formulas in csrc/common/nf4_impl.h and reference.py).
   // w (fp32/bf16/fp16, any shape) is flattened row-major and quantised in blocks of `blocksize`

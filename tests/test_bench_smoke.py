@@ -261,3 +261,19 @@ def test_xlora_suite_quick_tiny(tmp_path):
     fast = rows[-1]
     assert fast["status"] in ("PASS", "MISS") and fast["speedup"] > 0 and fast["max |diff|"] < 1e-4
     assert any(r.label.startswith("xlora 3 experts") for r in res.ratios)
+
+def test_mixed_suite_quick_tiny(tmp_path):
+    ctx = common.BenchContext(
+        device="cpu", dtypes=[torch.float32], quick=True, warmup=1, repeats=2, min_sample_ms=0.5, verbose=False,
+        options={"d": 32, "r": 4, "rows": 64},
+    )
+    run.load_suites()
+    assert "mixed" in common.SUITES
+    res = run.run_suite("mixed", ctx, str(tmp_path), plot=True)
+    assert not res.errors, res.errors
+    rows = json.loads((tmp_path / "mixed-cpu.json").read_text())["tables"][0]["rows"]
+    assert {r["impl"] for r in rows} == {"fastpeft", "peft"}
+    assert all(r["n=64 ms"] > 0 and r["single ms"] > 0 for r in rows)
+    assert {f"fp32 fastpeft n={n} / n=1" for n in (4, 16, 64)} <= {r.label for r in res.ratios if r.kind == "scaling"}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "mixed-cpu-curves.png").exists()

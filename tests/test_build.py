@@ -18,6 +18,7 @@ OPS = [
     "cayley", "cayley_backward",
     "block_diag_rotate", "block_diag_rotate_backward", "butterfly_rotate", "butterfly_rotate_backward",
     "multi_lora_mix", "multi_lora_mix_backward",
+    "segmented_lora",
 ]
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "block_diag_rotate",
     "block_diag_rotate_grads",
     "butterfly_rotate",
+    "segmented_lora",
     "butterfly_rotate_grads",
 ]
 
@@ -1696,3 +1697,131 @@ def butterfly_rotate_grads(
         return _reference_rotate_grads(_ref.butterfly_rotate, grad_y, x, rot, (perm,), need_grad_x, need_grad_rot)
     gx, gr = _ops.butterfly_rotate_backward(grad_y, x, rot, perm, need_grad_x, need_grad_rot)
     return (gx if need_grad_x else None), (gr if need_grad_rot else None)
+
+
+# ---- segmented lora (mixed-adapter batches) ------------------------------------------------------
+#
+# punica SGMV/BGMV-style multi-LoRA: each row of x goes through its own adapter (or none). The CPU
+# kernel groups rows by adapter (counting sort) and runs shrink then expand per group; the CUDA kernel
+# is one block per row reading the row's adapter on the device. Cost grows with rows x rank, not with
+# the number of adapters. Inference is the main use (peft forbids adapter_names in training), but the
+# op is differentiable: grad_x goes through the same op with the adapters transposed, grad_A/grad_B
+# per adapter over its rows only.
+
+
+def _segmented_check(x, lora_A, lora_B, scalings, adapter_index) -> Tuple[int, int]:
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("'x' must have at least one dimension (its last is in_features)")
+    if not isinstance(lora_A, (list, tuple)) or not isinstance(lora_B, (list, tuple)):
+        raise TypeError("'lora_A' and 'lora_B' must be lists of tensors (one per adapter)")
+    n = len(lora_A)
+    if n == 0:
+        raise ValueError("segmented_lora needs at least one adapter")
+    if len(lora_B) != n or len(scalings) != n:
+        raise ValueError(
+            f"'lora_A', 'lora_B' and 'scalings' need one entry per adapter, got {n}, {len(lora_B)} and {len(scalings)}")
+    in_f = x.shape[-1]
+    out_f = None
+    for k in range(n):
+        a, b = lora_A[k], lora_B[k]
+        _check_tensor(a, f"lora_A[{k}]", 2)
+        _check_tensor(b, f"lora_B[{k}]", 2)
+        _check_same(a, x, f"lora_A[{k}]", "x")
+        _check_same(b, x, f"lora_B[{k}]", "x")
+        if a.shape[1] != in_f:
+            raise ValueError(f"'lora_A[{k}]' has shape {tuple(a.shape)} but 'x' has in_features {in_f} (lora_A is [r, in])")
+        out_f = b.shape[0] if out_f is None else out_f
+        if b.shape[0] != out_f or b.shape[1] != a.shape[0]:
+            raise ValueError(
+                f"'lora_B[{k}]' has shape {tuple(b.shape)} but must be [out={out_f}, r={a.shape[0]}] (lora_B is [out, r])")
+    if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
+        raise TypeError("'adapter_index' must be an int64 tensor (one adapter index per row, -1 = none)")
+    if adapter_index.device != x.device:
+        raise ValueError(f"'adapter_index' is on {adapter_index.device} but 'x' is on {x.device}; move them to one device")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"'adapter_index' has shape {tuple(adapter_index.shape)} but must match x's leading dims {tuple(x.shape[:-1])}")
+    return in_f, out_f
+
+
+@torch.library.register_fake("fastpeft::segmented_lora")
+def _segmented_lora_fake(x, lora_A, lora_B, scalings, adapter_index):
+    _fake_2d(x, "x")
+    return x.new_empty((x.shape[0], lora_B[0].shape[0]))
+
+
+def _segmented_setup(ctx, inputs, output):
+    x, lora_A, lora_B, scalings, adapter_index = inputs
+    ctx.n = len(lora_A)
+    ctx.scalings = list(scalings)
+    ctx.save_for_backward(x, adapter_index, *lora_A, *lora_B)
+
+
+def _segmented_backward(ctx, grad):
+    x, idx, *w = ctx.saved_tensors
+    n = ctx.n
+    A, B = w[:n], w[n:]
+    need = ctx.needs_input_grad
+    gx = None
+    if need[0]:
+        # d/dx of s (x A^T) B^T is s (g B) A: the same op with A' = B^T [r, out] and B' = A^T [in, r].
+        gx = _ops.segmented_lora(grad, [b.t().contiguous() for b in B], [a.t().contiguous() for a in A],
+                                 ctx.scalings, idx)
+    gA = [None] * n
+    gB = [None] * n
+    if need[1] or need[2]:
+        for k in range(n):
+            rows = (idx == k).nonzero().flatten()
+            xs, gs = x.index_select(0, rows), grad.index_select(0, rows)
+            s = ctx.scalings[k]
+            gA[k] = s * (gs @ B[k]).t() @ xs  # [r, in]
+            gB[k] = s * gs.t() @ (xs @ A[k].t())  # [out, r]
+    return gx, (gA if need[1] else None), (gB if need[2] else None), None, None
+
+
+torch.library.register_autograd("fastpeft::segmented_lora", _segmented_backward, setup_context=_segmented_setup)
+
+
+def segmented_lora(x: Tensor, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scalings: Sequence[float],
+                   adapter_index: Tensor) -> Tensor:
+    """Mixed-adapter LoRA delta (punica SGMV/BGMV style): each row of x through its own adapter.
+
+    Args:
+        x: ``[..., in]`` input (any leading dims, any strides, zero rows allowed).
+        lora_A: one ``[r_k, in]`` tensor per adapter (ranks may differ; ``r_k = 0`` gives a zero delta).
+        lora_B: one ``[out, r_k]`` tensor per adapter.
+        scalings: one float per adapter.
+        adapter_index: int64, shaped like x's leading dims, on x's device: the adapter of each row,
+            ``-1`` for rows that take no adapter.
+
+    Returns:
+        ``delta [..., out]`` in x's dtype: ``delta[t] = s_k (x[t] A_k^T) B_k^T`` for ``k = adapter_index[t]``
+        and zero for ``k = -1``; op-math (float32; float64 for float64) sums, rounded once. Add it to the
+        base layer's output. Cost is proportional to rows x rank: adapters no row uses are never read.
+    Gradients flow to x, lora_A and lora_B.
+    """
+    in_f, out_f = _segmented_check(x, lora_A, lora_B, scalings, adapter_index)
+    return _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f, out_f)
+
+
+def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: int, out_f: int,
+                            check_range: bool = True) -> Tensor:
+    """segmented_lora without the per-adapter Python checks (the kernels check every argument again): for
+    callers that built the arguments themselves (the LoRA layers), where O(n) Python checks per layer and
+    forward would cost more than the op."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f)
+    idx = adapter_index.reshape(-1)
+    n = len(lora_A)
+    # (data-dependent: skipped under torch.compile, where the CPU kernel's own check still raises)
+    if (check_range and idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling()
+            and (int(idx.min()) < -1 or int(idx.max()) >= n)):
+        raise ValueError(f"'adapter_index' values must be -1 (no adapter) or in [0, {n}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    scal = scalings if check_range is False else [float(s) for s in scalings]
+    if not _use_kernel(x):
+        y = _ref.segmented_lora(x2, list(lora_A), list(lora_B), scal, idx)
+    else:
+        y = _ops.segmented_lora(x2, list(lora_A), list(lora_B), scal, idx)
+    return y.reshape(*lead, out_f)

@@ -43,6 +43,7 @@ __all__ = [
     "cayley",
     "block_diag_rotate",
     "butterfly_rotate",
+    "segmented_lora",
     "butterfly_matrix",
     "qlora_forward",
     "qlora_backward",
@@ -630,3 +631,22 @@ def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
         v = block_diag_rotate(u, rot[i])
         z = v[..., p]
     return z
+
+
+def segmented_lora(x: Tensor, lora_A, lora_B, scalings, adapter_index: Tensor) -> Tensor:
+    """Mixed-adapter batch LoRA delta: ``delta[t] = s_k (x[t] A_k^T) B_k^T`` with ``k = adapter_index[t]``.
+
+    x [T, in]; lora_A[k] [r_k, in]; lora_B[k] [out, r_k]; scalings[k] a float; adapter_index int64 [T]
+    with -1 for rows that take no adapter (their delta is zero). Op-math (float32; float64 for float64)
+    sums, rounded once to x's dtype.
+    """
+    out_f = lora_B[0].shape[0]
+    delta = x.new_zeros((x.shape[0], out_f))
+    op = _opmath(x.dtype)
+    for k in range(len(lora_A)):
+        rows = (adapter_index == k).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        u = x[rows].to(op) @ lora_A[k].to(op).T
+        delta[rows] = (float(scalings[k]) * (u @ lora_B[k].to(op).T)).to(x.dtype)
+    return delta

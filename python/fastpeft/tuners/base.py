@@ -597,9 +597,11 @@ class BaseTuner(nn.Module, ABC):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """peft's hook context around forward; only mixed-adapter batches need it, and they are not supported yet."""
+        """peft's hook context around forward; only mixed-adapter batches need it. LoraModel overrides this with
+        the real thing (tuners/lora/mixed.py); the other tuners refuse per-row adapters."""
         if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+            raise NotImplementedError(
+                f"mixed-adapter batches (adapter_names=...) are supported for LoRA only, not {type(self).__name__}")
         yield
 
     # ---- hooks for subclasses ----

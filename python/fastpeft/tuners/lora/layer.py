@@ -226,8 +226,14 @@ class LoraLayer(BaseTunerLayer):
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def _check_forward_args(self, x, *args, **kwargs) -> None:
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+        mixed = kwargs.get("adapter_names")
+        if mixed is None:
+            return
+        from .mixed import MixedBatch, check_layer_args, supports_mixed
+
+        if not supports_mixed(self):
+            raise TypeError(f"lora.{type(self).__name__} does not support mixed adapter batches.")
+        check_layer_args(self, x, mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed))
 
     # ---- merging ----
 
@@ -414,7 +420,13 @@ class Linear(nn.Module, LoraLayer):
         return plain and self.base_layer is base and not args and not kwargs and not tensor_scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = kwargs.get("adapter_names")
         active = self._adapters_to_apply(x, args, kwargs)
+        if mixed is not None and not self.disable_adapters:
+            from .mixed import MixedBatch, mixed_linear_forward
+
+            mixed = mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed)
+            return mixed_linear_forward(self, x, mixed, *args, **kwargs)
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if not self._can_fuse(args, kwargs):
@@ -531,7 +543,13 @@ class Embedding(nn.Module, LoraLayer):
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = kwargs.get("adapter_names")
         active = self._adapters_to_apply(x, args, kwargs)
+        if mixed is not None and not self.disable_adapters:
+            from .mixed import MixedBatch, mixed_embedding_forward
+
+            mixed = mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed)
+            return mixed_embedding_forward(self, x, mixed, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not active:
             return result

@@ -1,6 +1,7 @@
 """`LoraModel`: injects LoRA / DoRA layers into a model (peft's LoraModel interface and state-dict keys)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -389,3 +390,22 @@ class LoraModel(BaseTuner):
             U = U.reshape(target_B.shape)
             Vh = Vh.reshape(target_A.shape)
         return Vh, U
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed-adapter batches (peft's ``adapter_names``): one adapter per row, ``"__base__"`` for none; the
+        LoRA Linear layers run them through the segmented multi-LoRA op (see tuners/lora/mixed.py)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if kwargs.get("alora_offsets") is not None:
+            raise NotImplementedError("fastpeft does not support aLoRA (`alora_offsets`)")
+        if adapter_names is None:
+            yield
+            return
+        from .mixed import install_hooks
+
+        handles = install_hooks(self, adapter_names, kwargs.get("num_beams"))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
