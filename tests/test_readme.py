@@ -137,3 +137,9 @@ def test_readme_mixed_methods_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     exec(compile(_code_under("### Several methods at once (PeftMixedModel)"), "README.md:mixed-methods", "exec"), {})
+
+
+def test_readme_mixed_batch_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(_code_under("## Mixed-adapter batches"), "README.md:mixed-batch", "exec"), {})
