@@ -923,11 +923,15 @@ class BaseTuner(nn.Module, ABC):
                     setattr(parent, target_name, new)
                     continue
                 if merge:
-                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    self._merge_layer(target, safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, target.get_base_layer())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+    def _merge_layer(self, layer: BaseTunerLayer, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Merge `layer`'s adapters into its base weights (the mixed tuner merges a whole nest of layers)."""
+        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None

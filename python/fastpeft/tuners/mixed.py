@@ -18,9 +18,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..config import PeftConfig
-from .base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, _get_submodules, _is_under
-from .lora.layer import Linear as LoraLinear
-from .lora.layer import LoraLayer
+from .base import BaseTuner, BaseTunerLayer
 from .lora.model import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 # peft's COMPATIBLE_TUNER_TYPES, in its order, without SHIRA (no such method in fastpeft)
@@ -129,46 +127,14 @@ class MixedModel(BaseTuner):
             self.active_adapter = new_active
             previous = new_active
 
-    def _unload_and_optionally_merge(
-        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None, merge_kwargs: Optional[dict] = None,
-    ) -> nn.Module:
-        """Replace every (outermost) adapter layer by the module at the bottom of its nest, merging every
-        layer of the nest first when `merge` (in peft's order: the inner layers from the outside in, then the
-        outermost)."""
-        if merge:
-            self._check_merge_allowed()
-        layer_names = {k for k, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)}
-        keys = [k for k, _ in self.model.named_modules() if k and not _is_under(k.rpartition(".")[0], layer_names)]
-        if progressbar:
-            from tqdm import tqdm
-
-            keys = tqdm(keys, desc="Unloading " + ("and merging " if merge else "") + "model")
-        for key in keys:
-            try:
-                parent, target, target_name = _get_submodules(self.model, key)
-            except AttributeError:
-                continue  # under a module replaced earlier in this loop
-            if isinstance(target, ModulesToSaveWrapper):
-                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
-            elif isinstance(target, BaseTunerLayer):
-                if merge:
-                    nest = [target]
-                    while isinstance(nest[-1].base_layer, BaseTunerLayer):
-                        nest.append(nest[-1].base_layer)
-                    for layer in nest[1:] + nest[:1]:
-                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, target.get_base_layer())
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
-    ) -> nn.Module:
-        return self._unload_and_optionally_merge(
-            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+    def _merge_layer(self, layer, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Merge every layer of the nest under `layer`, in peft's order: the inner layers from the outside in,
+        then the outermost."""
+        nest = [layer]
+        while isinstance(nest[-1].base_layer, BaseTunerLayer):
+            nest.append(nest[-1].base_layer)
+        for inner in nest[1:] + nest[:1]:
+            inner.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def generate(self, *args: Any, **kwargs: Any):
         return self.model.generate(*args, **kwargs)
