@@ -161,6 +161,24 @@ def test_cuda_segmented_lora_gradcheck_opcheck():
                                                       [b.detach().float() for b in B], scal, idx))
 
 
+@pytest.mark.cuda
+def test_cuda_segmented_lora_out_of_range_index_is_an_error():
+    """On CUDA an out-of-range adapter index trips a device-side assert (no host sync) rather than giving that row
+    the base output; a device assert poisons the CUDA context, so it runs in a child process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastpeft.ops as ops\n"
+        "x = torch.randn(4, 8, device='cuda'); A = [torch.randn(2, 8, device='cuda')]; "
+        "B = [torch.randn(6, 2, device='cuda')]\n"
+        "y = ops.segmented_lora(x, A, B, [1.0], torch.tensor([0, 1, -1, 0], device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, "an out-of-range adapter index ran silently on CUDA"
+
+
 def test_segmented_lora_torch_compile_fullgraph():
     x, A, B, scal, idx = _case(12, 8, 6, [2, 4], torch.float32)
     x.requires_grad_(True)

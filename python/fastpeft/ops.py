@@ -1819,6 +1819,11 @@ def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: in
             and (int(idx.min()) < -1 or int(idx.max()) >= n)):
         raise ValueError(f"'adapter_index' values must be -1 (no adapter) or in [0, {n}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
+    if check_range and idx.device.type != "cpu" and idx.numel() and not torch.compiler.is_compiling():
+        # no host sync: a device-side assert (an error at the next synchronisation) instead of silently giving
+        # an out-of-range row the base output
+        torch._assert_async(((idx >= -1) & (idx < n)).all(),
+                            f"'adapter_index' values must be -1 (no adapter) or in [0, {n})")
     scal = scalings if check_range is False else [float(s) for s in scalings]
     if not _use_kernel(x):
         y = _ref.segmented_lora(x2, list(lora_A), list(lora_B), scal, idx)
