@@ -178,6 +178,33 @@ inline void mm_alpha_out(at::Tensor& out, const at::Tensor& a, const at::Tensor&
   }
 }
 
+// One row block of the rank-r shrink: ub = a_b A^T. With `uT` defined ([r, n]; FusedPlan.transposed_rank),
+// through its columns r0.. (uT_b = A a_b^T, the layout oneDNN runs faster), then copied into ub.
+inline void shrink_block(at::Tensor& ub, const at::Tensor& a_b, const at::Tensor& lora_A, const at::Tensor& uT,
+                         int64_t r0, int64_t rows) {
+  if (uT.defined()) {
+    at::Tensor uTb = uT.narrow(1, r0, rows);
+    at::mm_out(uTb, lora_A, a_b.t());
+    ub.copy_(uTb.t());
+  } else {
+    at::mm_out(ub, a_b, lora_A.t());
+  }
+}
+
+// One row block of the rank-r gradient s g_b B, as a [rows, r] view of `gu`: gu is [r, n] when `Bt` (= B^T,
+// contiguous) is defined (FusedPlan.transposed_rank), else [n, r].
+inline at::Tensor grad_rank_block(at::Tensor& gu, const at::Tensor& g_b, const at::Tensor& B, const at::Tensor& Bt,
+                                  double scaling, int64_t r0, int64_t rows) {
+  if (Bt.defined()) {
+    at::Tensor guTb = gu.narrow(1, r0, rows);
+    mm_alpha_out(guTb, Bt, g_b.t(), scaling);
+    return guTb.t();
+  }
+  at::Tensor gub = gu.narrow(0, r0, rows);
+  mm_alpha_out(gub, g_b, B, scaling);
+  return gub;
+}
+
 // acc += alpha a^T b, acc in the op-math type (see accumulate_tn).
 inline void accumulate_tn_alpha(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, double alpha) {
   if (acc.scalar_type() == a.scalar_type()) {
@@ -260,13 +287,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_impl(const at::Tensor& x, const 
     }
     at::Tensor ub = bias_k ? U1.narrow(0, r0, rows).narrow(1, 0, r) : u.narrow(0, r0, rows);
     at::Tensor yb = y.narrow(0, r0, rows);
-    if (plan.transposed_rank) {
-      at::Tensor uTb = uT.narrow(1, r0, rows);
-      at::mm_out(uTb, lora_A, xa.t());
-      ub.copy_(uTb.t());
-    } else {
-      at::mm_out(ub, xa, lora_A.t());
-    }
+    shrink_block(ub, xa, lora_A, uT, r0, rows);
     if (fold) {
       if (bias_k) {
         at::mm_out(yb, U1.narrow(0, r0, rows), Bt1);
@@ -320,15 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_impl(
     const int64_t rows = std::min(ch, n - r0);
     const at::Tensor gb = grad_y.narrow(0, r0, rows);
     const at::Tensor xb = x.narrow(0, r0, rows);
-    at::Tensor gub;
-    if (plan.transposed_rank) {
-      at::Tensor guTb = gu.narrow(1, r0, rows);
-      mm_alpha_out(guTb, Bt, gb.t(), scaling);
-      gub = guTb.t();
-    } else {
-      gub = gu.narrow(0, r0, rows);
-      mm_alpha_out(gub, gb, lora_B, scaling);
-    }
+    const at::Tensor gub = grad_rank_block(gu, gb, lora_B, Bt, scaling, r0, rows);
     accumulate_tn_alpha(accBt, u.narrow(0, r0, rows), gb, scaling);
     at::Tensor xa = xb;  // what lora_A saw: x, or drop(x)
     if (d.active) {
@@ -424,13 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_impl(
       at::Tensor ub = u.narrow(0, r0, rows);
       at::Tensor zb = z.narrow(0, r0, rows);
       at::Tensor yb = y.narrow(0, r0, rows);
-      if (plan.transposed_rank) {
-        at::Tensor uTb = uT.narrow(1, r0, rows);
-        at::mm_out(uTb, lora_A, xb.t());
-        ub.copy_(uTb.t());
-      } else {
-        at::mm_out(ub, xb, lora_A.t());
-      }
+      shrink_block(ub, xb, lora_A, uT, r0, rows);
       if (fold) {
         mm_alpha_out(zb, ub, Bt, scaling);
         zb.addmm_(xb, weight.t());
@@ -514,15 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_impl(
       const at::Tensor gb = g.narrow(0, r0, rows);
       at::Tensor h = hbuf.narrow(0, 0, rows);
       BK::dora_grad_rows(gb, z.narrow(0, r0, rows), mn, 0.0, acc, h);
-      at::Tensor gub;
-      if (plan.transposed_rank) {
-        at::Tensor guTb = gu.narrow(1, r0, rows);
-        mm_alpha_out(guTb, Bmt, gb.t(), scaling);
-        gub = guTb.t();
-      } else {
-        gub = gu.narrow(0, r0, rows);
-        mm_alpha_out(gub, gb, Bm, scaling);
-      }
+      const at::Tensor gub = grad_rank_block(gu, gb, Bm, Bmt, scaling, r0, rows);
       accumulate_tn(accBt, u.narrow(0, r0, rows), gb);
       if (need_grad_x) {
         at::Tensor gxc = grad_x.narrow(0, r0, rows);

@@ -770,13 +770,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
     const at::Tensor xb = x.narrow(0, r0, rows);
     at::Tensor ub = u.narrow(0, r0, rows);
     at::Tensor yb = y.narrow(0, r0, rows);
-    if (plan.transposed_rank) {
-      at::Tensor uTb = uT.narrow(1, r0, rows);
-      at::mm_out(uTb, lora_A, xb.t());
-      ub.copy_(uTb.t());
-    } else {
-      at::mm_out(ub, xb, lora_A.t());
-    }
+    shrink_block(ub, xb, lora_A, uT, r0, rows);
     at::mm_out(yb, xb, Wf.t());
     if (has_bias) add_bias_rows(yb, b);
   }
@@ -813,15 +807,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const int64_t rows = std::min(ch, n - r0);
     const at::Tensor gb = grad_y.narrow(0, r0, rows);
     const at::Tensor xb = x.narrow(0, r0, rows);
-    at::Tensor gub;
-    if (plan.transposed_rank) {
-      at::Tensor guTb = gu.narrow(1, r0, rows);
-      mm_alpha_out(guTb, Bt, gb.t(), scaling);
-      gub = guTb.t();
-    } else {
-      gub = gu.narrow(0, r0, rows);
-      mm_alpha_out(gub, gb, lora_B, scaling);
-    }
+    const at::Tensor gub = grad_rank_block(gu, gb, lora_B, Bt, scaling, r0, rows);
     acc_tn(accBt, u.narrow(0, r0, rows), gb);  // times s below
     if (need_grad_x) {
       at::Tensor gxb = grad_x.narrow(0, r0, rows);
@@ -874,13 +860,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_forward_cpu(
     at::Tensor ub = u.narrow(0, r0, rows);
     at::Tensor zb = z.narrow(0, r0, rows);
     at::Tensor yb = y.narrow(0, r0, rows);
-    if (plan.transposed_rank) {
-      at::Tensor uTb = uT.narrow(1, r0, rows);
-      at::mm_out(uTb, lora_A, xb.t());
-      ub.copy_(uTb.t());
-    } else {
-      at::mm_out(ub, xb, lora_A.t());
-    }
+    shrink_block(ub, xb, lora_A, uT, r0, rows);
     at::mm_out(zb, xb, Wf.t());
     CpuBackend::dora_epilogue(zb, mn, b, yb);
   }
@@ -929,15 +909,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
     const int64_t rows = std::min(ch, n - r0);
     const at::Tensor gb = g.narrow(0, r0, rows);
     col_dot_rows(gb, z.narrow(0, r0, rows), acc);
-    at::Tensor gub;
-    if (plan.transposed_rank) {
-      at::Tensor guTb = gu.narrow(1, r0, rows);
-      mm_alpha_out(guTb, Bmt, gb.t(), scaling);
-      gub = guTb.t();
-    } else {
-      gub = gu.narrow(0, r0, rows);
-      mm_alpha_out(gub, gb, Bm, scaling);
-    }
+    const at::Tensor gub = grad_rank_block(gu, gb, Bm, Bmt, scaling, r0, rows);
     acc_tn(accBt, u.narrow(0, r0, rows), gb);
     if (need_grad_x) {
       at::Tensor gxc = grad_x.narrow(0, r0, rows);
