@@ -20,18 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora import layer as lora_layer
-
-_ops_module = None
-
-
-def _ops():
-    global _ops_module
-    if _ops_module is None:
-        from ... import ops
-
-        _ops_module = ops
-    return _ops_module
-
+from ..lora.layer import _ops
 
 class _ConstantScalings:
     """The scaling pass's scalings, all equal to `value` ([batch, seq, n_layers, n_classes] made on demand)."""
