@@ -22,6 +22,7 @@ from typing import Any, Dict
 import torch
 
 from .bench_lora import copy_matching_state
+from .bench_llama import random_llama
 from .common import BenchContext, Ratio, SuiteResult, Table, Target, dtype_name, register, time_interleaved
 
 SPEED_TARGET = Target(1.2, ">=", "AdaLoRA train step vs peft")
@@ -46,17 +47,10 @@ def _adalora_kwargs(shape: Dict[str, int]) -> Dict[str, Any]:
 
 def build_models(shape: Dict[str, int], dtype, device):
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastpeft
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).to(dtype)
+    base = random_llama(shape).to(dtype)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**_adalora_kwargs(shape)))
     fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.AdaLoraConfig(**_adalora_kwargs(shape)))
     g = torch.Generator().manual_seed(1)

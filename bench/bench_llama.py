@@ -39,21 +39,28 @@ FULL = dict(layers=4, hidden=512, intermediate=1376, heads=8, vocab=8000, seq=25
 QUICK = dict(layers=2, hidden=128, intermediate=344, heads=4, vocab=1000, seq=64, batch=2, r=8)
 
 
+def random_llama(shape: Dict[str, int], max_positions: Optional[int] = None):
+    """A randomly initialised (seed 0) transformers LlamaForCausalLM of `shape` (layers, hidden, intermediate, heads,
+    vocab, seq): no KV cache, untied embeddings, at least 512 positions (or `max_positions`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        max_position_embeddings=max(512, max_positions or shape["seq"]), use_cache=False, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
 def _lora_kwargs(r: int, dropout: float) -> Dict[str, Any]:
     return dict(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
 
 
 def build_models(shape: Dict[str, int], dropout: float, dtype, device):
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
+    base = random_llama(shape)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_lora_kwargs(shape["r"], dropout)))
     notes = []
     fm = None
@@ -258,17 +265,10 @@ def build_qlora_models(shape: Dict[str, int], dropout: float, dtype, device):
     once by fastpeft; "peft+bnb" holds bitsandbytes Linear4bit layers with those exact bytes, "fastpeft"
     the LinearNF4 layers; both get LoRA (all-linear) through their get_peft_model with the same weights."""
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastpeft
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).to(dtype)
+    base = random_llama(shape).to(dtype)
     quantized = fastpeft.quantize_model(copy.deepcopy(base), compute_dtype=dtype, progress=False)
     theirs = copy.deepcopy(quantized)
     for name, module in list(theirs.named_modules()):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .bench_adalora import freeze_peft_ranknum
+from .bench_llama import random_llama
 from .common import (
     BenchContext,
     Ratio,
@@ -98,18 +99,6 @@ def methods(shape: Dict[str, int]) -> List[Method]:
         Method(f"Prefix tuning {prompt_len}", "PrefixTuningConfig",
                dict(num_virtual_tokens=prompt_len, task_type="CAUSAL_LM"), mergeable=False),
     ]
-
-
-def _base_model(shape: Dict[str, int]):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(512, 2 * shape["seq"]), use_cache=False, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 def _build(lib, method: Method, base, dtype):
@@ -204,7 +193,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     tokens = shape["batch"] * shape["seq"]
     res.meta.update(shape=shape, dtype=dtype_name(dtype), tokens_per_step=tokens,
                     optimizer="AdamW(lr=1e-5) on the trainable parameters")
-    base = _base_model(shape)
+    base = random_llama(shape, 2 * shape["seq"])
     n_base = sum(p.numel() for p in base.parameters())
     torch.manual_seed(5)
     ids = torch.randint(3, shape["vocab"], (shape["batch"], shape["seq"]), device=ctx.device)

@@ -23,6 +23,7 @@ from typing import Any, Dict
 
 import torch
 
+from .bench_llama import random_llama
 from .common import BenchContext, Ratio, SuiteResult, Table, Target, dtype_name, register, time_interleaved
 
 SPEED_TARGET = Target(2.0, ">=", "X-LoRA forward vs peft")
@@ -34,15 +35,8 @@ QUICK = dict(layers=2, hidden=128, intermediate=344, heads=4, vocab=1000, seq=64
 def build_models(shape: Dict[str, int], dtype, device, workdir: str):
     """{"base", "peft", "fastpeft"} models (fastpeft missing if it failed to build; the reason in notes)."""
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(512, shape["seq"]), use_cache=False, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).eval()
+    base = random_llama(shape).eval()
     paths = {}
     g = torch.Generator().manual_seed(1)
     for i in range(shape["experts"]):
