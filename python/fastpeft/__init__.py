@@ -61,6 +61,8 @@ _LAZY = {
     "get_peft_model_state_dict": "fastpeft.checkpoint",
     "set_peft_model_state_dict": "fastpeft.checkpoint",
     "load_peft_weights": "fastpeft.checkpoint",
+    "AdapterCheckpointError": "fastpeft.checkpoint",
+    "CorruptCheckpointError": "fastpeft.checkpoint",
     "prepare_model_for_kbit_training": "fastpeft.training",
     "PeftTrainer": "fastpeft.training",
     "SaveAdapterCallback": "fastpeft.training",

@@ -9,7 +9,22 @@ The on-disk format is Hugging Face PEFT's, byte for byte where it matters:
   module's original key, metadata ``{"format": "pt"}``.
 
 Only safetensors is read or written. A directory holding only ``adapter_model.bin`` (a pickle) is
-refused with a message that says how to convert it; nothing here calls ``torch.load``.
+refused with a message that says how to convert it; nothing here calls ``torch.load`` or unpickles, and
+nothing a checkpoint names (``auto_mapping``, ``base_model_name_or_path``, ``*.py`` files) is imported or run:
+the config's ``peft_type`` selects one of fastpeft's own config classes, everything else is data.
+
+Reading validates before trusting: ``adapter_model.safetensors``'s header is checked (length, UTF-8 JSON,
+dtypes, byte ranges against shapes and the file size) and a truncated or corrupted file raises
+:class:`CorruptCheckpointError` naming the file and, where one is at fault, the tensor; a bad
+``adapter_config.json`` raises a ``ValueError`` naming the file and field (an unknown ``peft_type`` lists the
+known ones); keys, shapes and dtypes that do not fit the model raise :class:`AdapterCheckpointError` naming the
+file and keys with both shapes / dtypes (floating dtypes are cast, as peft does).
+
+Saving is atomic for the adapter as a whole (weights and config are two files; see
+:func:`save_adapter_files`): a process killed at any point leaves a directory that loads as the previous
+adapter or the new one. (peft itself, reading a directory whose save was killed between the two renames, would
+see the new weights with the previous config; fastpeft reads the new config from the marker-named temp file, and
+the next fastpeft save completes the commit.)
 
 Which entries of a model's state dict belong to an adapter is decided structurally, as peft does:
 everything on a tuner layer except its ``base_layer``, plus the adapter's copy inside each
@@ -20,6 +35,7 @@ when requested. A tuner class may customise selection and key mapping by definin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,17 +61,23 @@ __all__ = [
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "AdapterCheckpointError",
+    "CorruptCheckpointError",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "load_peft_weights",
     "load_adapter_config_dict",
     "load_adapter_config",
     "save_safetensors_atomic",
+    "save_adapter_files",
 ]
 
 
 class AdapterCheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this model (missing, unexpected or mis-shaped keys)."""
+
+
+class CorruptCheckpointError(AdapterCheckpointError):
+    """A checkpoint file that is not a valid safetensors file (truncated, corrupted header, bad offsets)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,9 +311,10 @@ def _vocab_was_resized(model, config) -> bool:
         return False
     try:
         with open(local_config, encoding="utf-8") as f:
-            base_vocab = json.load(f).get("vocab_size")
-    except (OSError, ValueError):
+            data = json.load(f)  # read as data only; nothing it names is imported
+    except (OSError, ValueError, RecursionError):
         return False
+    base_vocab = data.get("vocab_size") if isinstance(data, dict) else None
     return base_vocab is not None and base_vocab != vocab_size
 
 
@@ -423,7 +446,29 @@ def get_peft_model_state_dict(
     remove = getattr(tuner_cls, "_remove_adapter_name_from_key", None) if tuner_cls is not None else None
     if remove is None:
         remove = remove_adapter_name_from_key
-    return {remove(k, adapter_name): v for k, v in to_return.items()}
+    return {remove(k, adapter_name): _full_tensor(v) for k, v in to_return.items()}
+
+
+def _is_dtensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def _full_tensor(t):
+    """A sharded tensor (FSDP2 ``fully_shard`` / tensor parallel: a ``DTensor``) as the whole tensor, a plain
+    tensor as it is. Gathering is a collective: every rank must export the same adapter (``save_pretrained``
+    calls this on every rank and writes on the main process only)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_like(t, target):
+    """A whole checkpoint tensor for a sharded parameter (a ``DTensor``: FSDP2, tensor parallel): this rank's
+    shard of it, cut locally (no communication: every rank reads the whole checkpoint). Anything else as it is."""
+    if not _is_dtensor(target) or not isinstance(t, torch.Tensor) or _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = t.to(device=target.device, dtype=target.dtype)
+    return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
 
 
 def _remap_for_load(model, config, adapter_name: str, state_dict: dict, model_to_ckpt: Optional[dict] = None) -> dict:
@@ -459,6 +504,16 @@ def _adapter_model_keys(model, adapter_name: str, prefixes: set[str], aux_keys: 
         if _is_key_under_prefixes(k, prefixes):
             keys.add(k)
     return keys
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "integer"
 
 
 def _fmt_keys(keys, limit: int = 20) -> str:
@@ -510,16 +565,31 @@ def set_peft_model_state_dict(
                     to_load[store] = state_dict.pop(lookup)
                 else:
                     missing.append(lookup)
-        state_dict.pop("prompt_embeddings")
+        prompt = state_dict.pop("prompt_embeddings")
         problems = []
+        embedding = getattr(getattr(encoder, "embedding", None), "weight", None)
+        if not isinstance(prompt, torch.Tensor):
+            problems.append(f"'prompt_embeddings' is a {type(prompt).__name__}, not a tensor")
+        elif isinstance(embedding, torch.Tensor):
+            if tuple(prompt.shape) != tuple(embedding.shape):
+                problems.append(
+                    f"shape mismatch: 'prompt_embeddings': checkpoint {tuple(prompt.shape)} vs model "
+                    f"{tuple(embedding.shape)} (check num_virtual_tokens / token_dim / num_layers of the config and "
+                    "the base model)"
+                )
+            if _dtype_kind(prompt.dtype) != _dtype_kind(embedding.dtype):
+                problems.append(f"dtype mismatch: 'prompt_embeddings': checkpoint {prompt.dtype} vs model {embedding.dtype}")
         if state_dict:
             problems.append(f"{len(state_dict)} unexpected key(s): {_fmt_keys(state_dict)}")
         if missing:
             problems.append(f"{len(missing)} missing key(s) (modules_to_save weights): {_fmt_keys(missing)}")
-        bad = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in to_load.items()
-               if tuple(v.shape) != tuple(model_sd[k].shape)]
+        bad = [(k, tuple(getattr(v, "shape", ())), tuple(model_sd[k].shape)) for k, v in to_load.items()
+               if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(model_sd[k].shape)
+               or _dtype_kind(v.dtype) != _dtype_kind(model_sd[k].dtype)]
         if bad:
-            problems.append("shape mismatch: " + ", ".join(f"{k}: checkpoint {a}, model {b}" for k, a, b in bad))
+            problems.append("shape/dtype mismatch: " + ", ".join(
+                f"{k}: checkpoint {a} {getattr(to_load[k], 'dtype', type(to_load[k]).__name__)}, "
+                f"model {b} {model_sd[k].dtype}" for k, a, b in bad))
         if problems:
             raise AdapterCheckpointError(
                 f"checkpoint does not fit prompt-learning adapter {adapter_name!r}: " + "; ".join(problems)
@@ -580,13 +650,23 @@ def set_peft_model_state_dict(
             f"{len(missing)} missing key(s) (adapter weights the checkpoint does not provide): "
             f"{_fmt_keys([shown(k) for k in missing])}"
         )
-    mismatched = []
+    mismatched, wrong_kind = [], []
     for k, v in state_dict.items():
-        if k not in model_sd or not isinstance(v, torch.Tensor):
+        if k not in model_sd:
             continue
         target = model_sd[k]
+        if not isinstance(v, torch.Tensor):
+            wrong_kind.append(f"{shown(k)!r}: checkpoint holds {type(v).__name__}, model {target.dtype}")
+            continue
+        if _dtype_kind(v.dtype) != _dtype_kind(target.dtype):
+            # float <-> float (bf16 adapter into an fp32 model) is cast as peft does; int/bool/complex into a float
+            # tensor (or the reverse) is not an adapter for this model
+            wrong_kind.append(f"{shown(k)!r}: checkpoint {v.dtype} vs model {target.dtype}")
         if tuple(target.shape) != tuple(v.shape):
             mismatched.append((k, tuple(v.shape), tuple(target.shape)))
+    if wrong_kind:
+        more = f"; ... ({len(wrong_kind) - 20} more)" if len(wrong_kind) > 20 else ""
+        problems.append(f"{len(wrong_kind)} dtype mismatch(es): " + "; ".join(wrong_kind[:20]) + more)
     if mismatched and not ignore_mismatched_sizes:
         lines = "; ".join(f"{shown(k)!r}: checkpoint {s1} vs model {s2}" for k, s1, s2 in mismatched[:20])
         more = f"; ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""
@@ -601,6 +681,7 @@ def set_peft_model_state_dict(
         )
     for k, _, _ in mismatched:
         del state_dict[k]
+    state_dict = {k: _shard_like(v, model_sd.get(k)) for k, v in state_dict.items()}
 
     if low_cpu_mem_usage:
         model.load_state_dict(state_dict, strict=False, assign=True)
@@ -662,58 +743,408 @@ def _adapter_dir(model_id, subfolder: Optional[str] = None) -> str:
     return path
 
 
-def load_adapter_config_dict(model_id, subfolder: Optional[str] = None) -> dict[str, Any]:
-    """Read and validate ``adapter_config.json``; clear errors for a missing or malformed file."""
+# ---- interrupted saves ------------------------------------------------------------------------------------------------
+#
+# An adapter is two files, so one os.replace cannot commit it. save_adapter_files writes both to temp files (fsynced),
+# then records their names in a pending marker (written atomically), renames weights then config, and removes the
+# marker. A process killed at any point leaves one of:
+#   no marker (killed before the marker or after the end)   -> the previous pair, or the new pair: consistent;
+#   marker, both temps present (no rename yet)              -> the previous pair: consistent;
+#   marker, weights renamed, config temp present            -> new weights + old config: loaders read the config
+#                                                              from the complete, fsynced temp instead (roll forward);
+#   marker, both renamed                                    -> the new pair: consistent.
+# Temp files are never read except as named by the marker; the next save into the directory finishes the interrupted
+# commit and removes temps left by processes that no longer run.
+
+_PENDING_NAME = ".fastpeft_save_pending.json"
+_MAX_CONFIG_BYTES = 64 << 20
+_TEMP_RE = re.compile(
+    r"^\.(?:adapter_model\.safetensors|adapter_config\.json|fastpeft_save_pending\.json)\.(\d+)\.[A-Za-z0-9_]+\.tmp$"
+)
+
+
+def _on_save_stage(stage: str, directory: str) -> None:
+    """No-op; tests replace it to stop a saving child process at a given stage and kill it there."""
+
+
+def _mkstemp_for(directory: str, final_name: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would terminate the process: never probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _read_pending(directory: str) -> Optional[dict]:
+    """The marker of an interrupted commit in ``directory``: {"pid", "weights", "config"} or None.
+
+    Names in the marker are accepted only if they are our temp-file names (plain names in this directory)."""
+    try:
+        with open(os.path.join(directory, _PENDING_NAME), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    names = (info.get("weights"), info.get("config"))
+    if not all(isinstance(n, str) and _TEMP_RE.match(n) for n in names):
+        return None
+    if not isinstance(info.get("pid"), int):
+        return None
+    return info
+
+
+def _committed_config_file(directory: str) -> str:
+    """The config file that belongs with ``adapter_model.safetensors`` in ``directory``.
+
+    Normally ``adapter_config.json``; after a save killed between renaming the new weights into place and renaming
+    the new config, the new config's (complete, fsynced) temp file."""
+    info = _read_pending(directory)
+    if info is not None:
+        config_tmp = os.path.join(directory, info["config"])
+        weights_tmp = os.path.join(directory, info["weights"])
+        if os.path.isfile(config_tmp) and not os.path.exists(weights_tmp):
+            if not _pid_alive(info["pid"]):
+                warnings.warn(
+                    f"{directory}: a save was interrupted after writing {SAFETENSORS_WEIGHTS_NAME} and before "
+                    f"{CONFIG_NAME}; using the config that save was committing ({info['config']}). The next "
+                    "save_pretrained into this directory completes it."
+                )
+            return config_tmp
+    return os.path.join(directory, CONFIG_NAME)
+
+
+def _finish_interrupted_save(directory: str) -> None:
+    """Before writing into ``directory``: complete a commit that a killed process left half done, and remove
+    temp files of processes that no longer run."""
+    info = _read_pending(directory)
+    marker = os.path.join(directory, _PENDING_NAME)
+    if info is not None:
+        config_tmp = os.path.join(directory, info["config"])
+        half_done = os.path.isfile(config_tmp) and not os.path.exists(os.path.join(directory, info["weights"]))
+        if half_done:  # new weights in place, their config not: roll forward (whoever wrote it, pid reuse included)
+            with contextlib.suppress(FileNotFoundError):  # its owner, still running, may just have done it
+                os.replace(config_tmp, os.path.join(directory, CONFIG_NAME))
+        if half_done or not _pid_alive(info["pid"]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+    elif os.path.isfile(marker):  # unreadable marker: it commits nothing
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _write_text_synced(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors_synced(tensors: dict, path: str, metadata: Optional[dict]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_config_atomic(directory: str, text: str) -> None:
+    """Write ``adapter_config.json`` alone (temp file, fsync, ``os.replace``), finishing an interrupted save first."""
+    os.makedirs(directory, exist_ok=True)
+    _finish_interrupted_save(directory)
+    tmp = _mkstemp_for(directory, CONFIG_NAME)
+    try:
+        _write_text_synced(tmp, text)
+        os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def save_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config_text: str,
+                       metadata: Optional[dict] = None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` as one unit.
+
+    Killing the process at any point leaves a directory that loads as the previous adapter or as the new one, never
+    as new weights with the previous config (see the protocol above). ``metadata`` defaults to ``{"format": "pt"}``.
+    """
+    tensors = _prepare_for_safetensors(tensors)
+    os.makedirs(directory, exist_ok=True)
+    _finish_interrupted_save(directory)
+    weights_tmp = _mkstemp_for(directory, SAFETENSORS_WEIGHTS_NAME)
+    config_tmp = _mkstemp_for(directory, CONFIG_NAME)
+    marker_tmp = None
+    marked = committing = False
+    try:
+        _write_safetensors_synced(tensors, weights_tmp, {"format": "pt"} if metadata is None else metadata)
+        _write_text_synced(config_tmp, config_text)
+        _on_save_stage("written", directory)
+        marker_tmp = _mkstemp_for(directory, _PENDING_NAME.lstrip("."))
+        _write_text_synced(marker_tmp, json.dumps(
+            {"pid": os.getpid(), "weights": os.path.basename(weights_tmp), "config": os.path.basename(config_tmp)}
+        ))
+        os.replace(marker_tmp, os.path.join(directory, _PENDING_NAME))
+        marker_tmp, marked = None, True
+        _fsync_dir(directory)
+        _on_save_stage("marked", directory)
+        committing = True
+        os.replace(weights_tmp, os.path.join(directory, SAFETENSORS_WEIGHTS_NAME))
+        _on_save_stage("weights_renamed", directory)
+        os.replace(config_tmp, os.path.join(directory, CONFIG_NAME))
+        _fsync_dir(directory)
+        _on_save_stage("config_renamed", directory)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, _PENDING_NAME))
+        _fsync_dir(directory)
+    except BaseException:
+        if committing:
+            # an error (not a kill) mid-commit: make the directory consistent if possible (roll forward once the
+            # weights are in place, else drop the temps); what cannot be done is left to the marker
+            # (the marker goes before the temps it names, so that no kill in between can pair old and new files)
+            with contextlib.suppress(OSError):
+                if os.path.exists(weights_tmp):  # nothing renamed
+                    os.unlink(os.path.join(directory, _PENDING_NAME))
+                    for tmp in (weights_tmp, config_tmp):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(tmp)
+                else:
+                    if os.path.exists(config_tmp):
+                        os.replace(config_tmp, os.path.join(directory, CONFIG_NAME))
+                    os.unlink(os.path.join(directory, _PENDING_NAME))
+            raise
+        if marked:  # nothing renamed yet: the marker commits nothing (removed first: it names the temps)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, _PENDING_NAME))
+        for tmp in (weights_tmp, config_tmp, marker_tmp):
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        raise
+
+
+# ---- reading --------------------------------------------------------------------------------------------------------
+
+
+def _read_config_file(model_id, subfolder: Optional[str] = None) -> tuple[str, str, dict[str, Any]]:
+    """(adapter directory, config file read, its validated dict)."""
     path = _adapter_dir(model_id, subfolder)
-    config_file = os.path.join(path, CONFIG_NAME)
+    config_file = _committed_config_file(path)
+    if not os.path.isfile(config_file):  # a pending config renamed into place meanwhile
+        config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         present = sorted(os.listdir(path))
+        hint = ""
+        if any(_TEMP_RE.match(n) for n in present):
+            hint = " (the temp files here are from a save that was interrupted before it completed)"
         raise FileNotFoundError(
-            f"no {CONFIG_NAME} in {path!r} (found: {present[:20]}); an adapter directory written by "
+            f"no {CONFIG_NAME} in {path!r} (found: {present[:20]}){hint}; an adapter directory written by "
             "save_pretrained holds adapter_config.json and adapter_model.safetensors"
         )
+    size = os.path.getsize(config_file)
+    if size > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_file} is {size} bytes, too large to be an adapter config")
+    with open(config_file, "rb") as f:
+        raw = f.read()
     try:
-        with open(config_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{config_file} is not UTF-8 text: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
     if "peft_type" not in data:
         raise ValueError(f"{config_file} has no 'peft_type' field; it is not a PEFT adapter config")
+    if not isinstance(data["peft_type"], str):
+        from .config import PeftType
+
+        raise ValueError(
+            f"{config_file}: peft_type must be a string, got {type(data['peft_type']).__name__} "
+            f"{data['peft_type']!r}; known peft types: {', '.join(t.value for t in PeftType)}"
+        )
     if "runtime_config" in data:
         warnings.warn(
             "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations are "
             "only valid at runtime."
         )
         del data["runtime_config"]
-    return data
+    return path, config_file, data
+
+
+def load_adapter_config_dict(model_id, subfolder: Optional[str] = None) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json``; clear errors for a missing or malformed file."""
+    return _read_config_file(model_id, subfolder)[2]
 
 
 def load_adapter_config(model_id, subfolder: Optional[str] = None, **kwargs):
-    """``PeftConfig`` subclass instance for the adapter directory (validated)."""
+    """``PeftConfig`` subclass instance for the adapter directory (validated). Keyword arguments that are fields of
+    the config class override the stored values. Nothing named by the config is imported or run."""
+    import dataclasses
+
     from . import config as config_mod
 
-    data = load_adapter_config_dict(model_id, subfolder)
-    path = _adapter_dir(model_id, subfolder)
-    config_file = os.path.join(path, CONFIG_NAME)
+    _, config_file, data = _read_config_file(model_id, subfolder)
     try:
         cls = config_mod._config_class(data["peft_type"])
     except (ValueError, NotImplementedError) as exc:
         raise ValueError(f"{config_file}: {exc}") from exc
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in kwargs.items() if k in field_names}
     try:
-        return cls.from_pretrained(path, **kwargs)
+        return cls.from_peft_type(**{**data, **overrides})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"invalid {config_file}: {exc}") from exc
 
 
-def load_peft_weights(model_id, device: Optional[Union[str, torch.device]] = None, subfolder: Optional[str] = None,
-                      key_mapping: Optional[dict[str, str]] = None, **_ignored) -> dict[str, torch.Tensor]:
-    """Tensors of ``adapter_model.safetensors`` in a local adapter directory (never a pickle)."""
+# safetensors dtype name -> torch dtype name (those torch has; others are refused naming the tensor)
+_ST_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+def _corrupt(path: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} is not a valid safetensors file: {what}. The file is truncated or corrupted (or was not written by "
+        "safetensors); save the adapter again"
+    )
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """Validate a safetensors file's structure (without reading the tensors) and return its tensor entries.
+
+    Raises :class:`CorruptCheckpointError` naming the file (and the tensor, where one is at fault) for a file too
+    short to hold a header, a header length past the end of the file, a header that is not UTF-8 JSON of the
+    expected shape, an unknown dtype, a tensor whose byte range disagrees with its shape and dtype or lies past the
+    end of the file, and gaps or overlaps between tensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:  # an OSError (permissions, ...) names the file itself
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"it is {size} bytes long, too short for the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            what = f"its header claims {n} bytes but only {size - 8} follow the length field"
+            if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol 2+ / torch.save's zip
+                raise CorruptCheckpointError(
+                    f"{path} is not a valid safetensors file ({what}); it looks like a pickle / torch.save file. "
+                    "fastpeft never unpickles checkpoints (loading a pickle can run arbitrary code); if you trust "
+                    "it, convert it with torch.load(..., weights_only=True) and safetensors' save_file"
+                )
+            raise _corrupt(path, what)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"its header is not UTF-8 ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, f"its header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"its header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _corrupt(path, "its __metadata__ is not a map of strings")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise _corrupt(path, f"the entry of tensor {key!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_DTYPES or getattr(torch, _ST_DTYPES[dtype], None) is None:
+            raise _corrupt(path, f"tensor {key!r} has dtype {dtype!r}, which fastpeft cannot load")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _corrupt(path, f"tensor {key!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * getattr(torch, _ST_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise _corrupt(
+                path, f"tensor {key!r} ({dtype}, shape {shape}) needs {nbytes} bytes but its data_offsets {offsets} "
+                f"span {offsets[1] - offsets[0]}"
+            )
+        if offsets[1] > data_len:
+            raise _corrupt(
+                path, f"tensor {key!r} ends at byte {offsets[1]} of the data but the file holds only {data_len} "
+                "bytes of data (cut short?)"
+            )
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    pos = 0
+    for begin, end, key in spans:
+        if begin != pos:
+            raise _corrupt(path, f"tensor {key!r} starts at byte {begin} of the data, expected {pos} (gap or overlap)")
+        pos = end
+    if pos != data_len:
+        raise _corrupt(path, f"{data_len - pos} bytes after the last tensor are not covered by the header")
+    return header
+
+
+def read_shard_index(index_file: str) -> dict[str, str]:
+    """``weight_map`` of a sharded checkpoint's ``*.safetensors.index.json``: tensor name -> shard file name.
+
+    Shard names must be plain ``*.safetensors`` file names in the index's directory (no paths, no pickles)."""
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError / UnicodeDecodeError
+        raise ValueError(f"{index_file} is not valid UTF-8 JSON: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file} has no 'weight_map' object (tensor name -> shard file)")
+    for key, shard in weight_map.items():
+        if (not isinstance(shard, str) or os.path.basename(shard) != shard or shard in (".", "..")
+                or "/" in shard or "\\" in shard or not shard.endswith(".safetensors")):
+            raise ValueError(
+                f"{index_file}: tensor {key!r} maps to {shard!r}; shards must be *.safetensors files in the same "
+                "directory"
+            )
+    return weight_map
+
+
+def load_safetensors_file(path: str, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` after :func:`read_safetensors_header`; any error names the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    read_safetensors_header(path)
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as exc:
+        raise _corrupt(path, str(exc)) from exc
+
+
+def load_peft_weights(model_id, device: Optional[Union[str, torch.device]] = None, subfolder: Optional[str] = None,
+                      key_mapping: Optional[dict[str, str]] = None, **_ignored) -> dict[str, torch.Tensor]:
+    """Tensors of ``adapter_model.safetensors`` in a local adapter directory (never a pickle).
+
+    A truncated or corrupted file raises :class:`CorruptCheckpointError` naming it."""
     path = _adapter_dir(model_id, subfolder)
     st_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(st_file):
@@ -723,10 +1154,7 @@ def load_peft_weights(model_id, device: Optional[Union[str, torch.device]] = Non
     if device is None:
         device = "cpu"
     device = str(device)
-    if device.startswith("mps"):
-        weights = load_file(st_file, device="cpu")
-    else:
-        weights = load_file(st_file, device=device)
+    weights = load_safetensors_file(st_file, device="cpu" if device.startswith("mps") else device)
     if not key_mapping:
         return weights
     remapped = {}
@@ -736,7 +1164,7 @@ def load_peft_weights(model_id, device: Optional[Union[str, torch.device]] = Non
         elif key.startswith("base_model."):
             prefix = "base_model."
         else:
-            raise ValueError(f"key_mapping given but checkpoint key {key!r} has no 'base_model.' prefix")
+            raise ValueError(f"{st_file}: key_mapping given but checkpoint key {key!r} has no 'base_model.' prefix")
         key = key[len(prefix):]
         for pattern, replacement in key_mapping.items():
             new_key, n = re.subn(pattern, replacement, key)
@@ -787,23 +1215,18 @@ def _prepare_for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file atomically: temp file in the same directory, fsync, ``os.replace``."""
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically: temp file in the same directory, fsync, ``os.replace``.
 
+    For an adapter (weights + config) use :func:`save_adapter_files`, which commits the two together."""
     tensors = _prepare_for_safetensors(tensors)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = _mkstemp_for(directory, os.path.basename(path))
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _write_safetensors_synced(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     _fsync_dir(directory)

@@ -16,7 +16,6 @@ import enum
 import importlib
 import json
 import os
-import tempfile
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ def register_config(peft_type: PeftType | str, module: Optional[str] = None):
 def _config_class(peft_type) -> type["PeftConfig"]:
     try:
         peft_type = PeftType(peft_type)
-    except ValueError:
+    except (ValueError, TypeError):
         known = ", ".join(t.value for t in PeftType)
         raise ValueError(f"unknown peft_type {peft_type!r}; expected one of: {known}") from None
     if peft_type not in PEFT_TYPE_TO_CONFIG and peft_type in _CONFIG_MODULES:
@@ -252,25 +251,19 @@ class PeftConfig:
 
         `auto_mapping_dict` (keyword) is stored as `auto_mapping`, as in peft.
         """
+        from .checkpoint import write_config_atomic
+
+        save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained: {save_directory!r} is a file, expected a directory")
-        os.makedirs(save_directory, exist_ok=True)
+        write_config_atomic(save_directory, self.to_json_text(kwargs.pop("auto_mapping_dict", None)))
+
+    def to_json_text(self, auto_mapping_dict: Optional[dict] = None) -> str:
+        """The text `save_pretrained` writes as `adapter_config.json`."""
         output = self.to_dict()
-        auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping_dict is not None:
             output["auto_mapping"] = auto_mapping_dict
-        text = self._config_json(output)
-        fd, tmp = tempfile.mkstemp(prefix=".adapter_config.", suffix=".tmp", dir=save_directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(save_directory, CONFIG_NAME))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        return self._config_json(output)
 
     def _config_json(self, output: dict) -> str:
         """The text of `adapter_config.json` (peft's layout: keys sorted at every level)."""
@@ -279,8 +272,13 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path_json_file: str) -> dict:
         """Read a config JSON file and return its dict (peft's behaviour: a `runtime_config` is dropped)."""
-        with open(path_json_file) as f:
-            data = json.load(f)
+        try:
+            with open(path_json_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path_json_file} is not UTF-8 text: {exc}") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path_json_file} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
         if "runtime_config" in data:
@@ -298,7 +296,9 @@ class PeftConfig:
         if subfolder is not None:
             path = os.path.join(path, subfolder)
         if os.path.isdir(path):
-            config_file = os.path.join(path, CONFIG_NAME)
+            from .checkpoint import _committed_config_file  # the config of an interrupted save's weights, if any
+
+            config_file = _committed_config_file(path)
         else:
             config_file = path
         if not os.path.isfile(config_file):

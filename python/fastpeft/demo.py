@@ -132,6 +132,7 @@ def load_base_model(model_dir: Path, num_labels: int):
     transformers = _quiet_transformers()
     return transformers.AutoModelForSequenceClassification.from_pretrained(
         str(model_dir),
+        use_safetensors=True,  # never unpickle a model file
         num_labels=num_labels,
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},

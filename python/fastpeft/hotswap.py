@@ -20,6 +20,7 @@ fastpeft specifics:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Literal, Optional, Union
 
@@ -326,4 +327,11 @@ def hotswap_adapter(
         model_name_or_path, device=torch_device or "cpu", subfolder=subfolder, key_mapping=kwargs.get("key_mapping")
     )
     state_dict = _remap_for_load(inner, config, adapter_name, weights)
-    hotswap_adapter_from_state_dict(inner, state_dict, adapter_name, config, parameter_prefix="lora_")
+    where = os.path.join(os.fspath(model_name_or_path), subfolder or "", "adapter_model.safetensors")
+    not_float = [f"{k!r} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{where}: LoRA weights must be floating-point tensors, got {', '.join(not_float[:20])}")
+    try:
+        hotswap_adapter_from_state_dict(inner, state_dict, adapter_name, config, parameter_prefix="lora_")
+    except (ValueError, RuntimeError) as exc:
+        raise type(exc)(f"{where}: {exc}") from exc

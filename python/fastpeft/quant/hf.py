@@ -32,8 +32,14 @@ def _read_config(path: str) -> Dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json: pass the directory written by save_pretrained")
-    with open(cfg_path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError / UnicodeDecodeError
+        raise ValueError(f"{cfg_path} is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _check_quantization_config(qc: Optional[Dict[str, Any]], path: str) -> Dict[str, Any]:
@@ -72,8 +78,9 @@ def _safetensors_files(path: str) -> list[str]:
     single = os.path.join(path, _SAFE_SINGLE)
     index = os.path.join(path, _SAFE_INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
+        from ..checkpoint import read_shard_index
+
+        files = sorted(set(read_shard_index(index).values()))
         return [os.path.join(path, f) for f in files]
     if os.path.isfile(single):
         return [single]
@@ -136,8 +143,8 @@ def load_nf4_model(
     ``get_peft_model``.
     """
     import transformers
-    from safetensors.torch import load_file
 
+    from ..checkpoint import load_safetensors_file
     from .nf4 import LinearNF4, _skipped
 
     path = os.fspath(path)
@@ -151,7 +158,7 @@ def load_nf4_model(
 
     state: Dict[str, torch.Tensor] = {}
     for file in _safetensors_files(path):
-        state.update(load_file(file, device=str(device)))
+        state.update(load_safetensors_file(file, device=str(device)))  # validated; errors name the file
     fp4 = [k for k in state if k.endswith(_FP4_SUFFIX)]
     if fp4:
         raise ValueError(f"{path}: {fp4[0]!r} is an FP4 quant state; fastpeft reads NF4 only")

@@ -51,7 +51,6 @@ from the file. On an NF4 (``LinearNF4``) base, LoftQ init warns and falls back t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
@@ -302,9 +301,9 @@ class _SafetensorsWeights:
             if os.path.isfile(single):
                 self.files = {None: single}
             elif os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+                from ..checkpoint import read_shard_index
+
+                self.files = {k: os.path.join(path, v) for k, v in read_shard_index(index).items()}
             else:
                 raise FileNotFoundError(
                     f"{path!r} holds neither model.safetensors nor model.safetensors.index.json; LoftQ reads the "
@@ -321,8 +320,10 @@ class _SafetensorsWeights:
 
     def _file_keys(self, file: str) -> set:
         if file not in self._keys:
-            with self._safe_open(file, framework="pt", device="cpu") as f:
-                self._keys[file] = set(f.keys())
+            from ..checkpoint import read_safetensors_header
+
+            # validated first: a truncated or corrupted file raises an error naming it (and the tensor)
+            self._keys[file] = set(read_safetensors_header(file))
         return self._keys[file]
 
     def __contains__(self, name: str) -> bool:
@@ -331,9 +332,17 @@ class _SafetensorsWeights:
         return name in self.files
 
     def __getitem__(self, name: str) -> Tensor:
+        from safetensors import SafetensorError
+
+        from ..checkpoint import CorruptCheckpointError
+
         file = self.files[None] if None in self.files else self.files[name]
-        with self._safe_open(file, framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
+        self._file_keys(file)
+        try:
+            with self._safe_open(file, framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except SafetensorError as exc:
+            raise CorruptCheckpointError(f"{file}: cannot read tensor {name!r}: {exc}") from exc
 
 
 def _resolve_model_path(base: nn.Module) -> str:
