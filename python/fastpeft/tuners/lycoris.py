@@ -177,9 +177,30 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
         keep = (torch.rand(self.out_features) > self.rank_dropout[adapter_name]).float()
         if self._rank_dropout_rescales(adapter_name):
             mean = keep.mean()
-            if mean > 0:  # all rows dropped: peft divides 0 by 0 (NaN); here the delta is just zero
-                keep = keep / mean
+            # all rows dropped: peft divides 0 by 0 (NaN); here the delta is just zero (keep / 1). A tensor op,
+            # not `if mean > 0`, so that torch.compile traces it without a graph break.
+            keep = keep / torch.where(mean > 0, mean, torch.ones_like(mean))
         return keep
+
+    def _module_kept(self, adapter_name: str) -> Union[bool, torch.Tensor]:
+        """peft's module dropout: in training one torch.rand(1) per active adapter (even with p = 0, as peft), the
+        adapter kept when the draw exceeds p. Eager: a bool (a dropped adapter is skipped, nothing computed).
+
+        Under torch.compile a drawn value cannot steer Python control flow without a graph break, so the draw
+        comes back as a 0-dim bool tensor that masks the adapter's (computed) contribution instead: the same
+        outputs; a dropped adapter still draws its rank-dropout mask there, so from then on the compiled RNG
+        stream differs from eager's."""
+        if not self.training:
+            return True
+        kept = torch.rand(1) > self.module_dropout[adapter_name]
+        return kept.reshape(()) if torch.compiler.is_compiling() else bool(kept)
+
+    @staticmethod
+    def _masked(delta: torch.Tensor, kept: Union[bool, torch.Tensor]) -> torch.Tensor:
+        """`delta`, or zeros where `kept` (a 0-dim bool tensor from `_module_kept` under torch.compile) is False."""
+        if isinstance(kept, bool):
+            return delta
+        return torch.where(kept.to(delta.device), delta, 0.0)
 
     def _delta_activations(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """What `adapter_name` adds to the base layer's output (rank dropout applied in training)."""
@@ -224,20 +245,19 @@ class LycorisLayer(nn.Module, BaseTunerLayer):
         available = self._available_adapters
         # peft draws torch.rand(1) for every active adapter in training, even with module_dropout=0, and then
         # the adapter's rank-dropout mask: the same draws in the same order here
-        def applies(name: str) -> bool:
-            return name in available and not (self.training and not bool(torch.rand(1) > self.module_dropout[name]))
-
         if self._folds_conv(x, args, kwargs):
             base = self.get_base_layer()
             weight = base.weight
             for name in self.active_adapters:
-                if applies(name):
-                    weight = weight + self._conv_delta_weight(name).to(weight.dtype)
+                kept = name in available and self._module_kept(name)
+                if kept is not False:
+                    weight = weight + self._masked(self._conv_delta_weight(name).to(weight.dtype), kept)
             return self._conv_fn(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
-            if applies(name):
-                result = result + self._delta_activations(name, x)
+            kept = name in available and self._module_kept(name)
+            if kept is not False:
+                result = result + self._masked(self._delta_activations(name, x), kept)
         return result.to(previous_dtype)
 
     # ---- merging ----

@@ -58,10 +58,11 @@ class MultiplicativeDropoutLayer(nn.Module):
         if not self.training:
             return blocks
         m, n, b, _ = blocks.shape
-        factor = int(torch.randint(0, m, (1,)).item())
+        factor = torch.randint(0, m, (1,))
         replaced = torch.randperm(n) < int(self.p * n)  # peft: a shuffled [1]*k + [0]*(n-k) mask
-        mask = torch.zeros(m, n, dtype=torch.bool)
-        mask[factor] = replaced
+        # row `factor` of the [m, n] mask is `replaced`, the others False; built with tensor ops (no .item(),
+        # which would be a graph break under torch.compile): the same draws and mask as indexing with it
+        mask = (torch.arange(m) == factor)[:, None] & replaced[None, :]
         eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
         return torch.where(mask.to(blocks.device)[:, :, None, None], eye, blocks)
 

@@ -128,7 +128,8 @@ class IA3Layer(nn.Module, BaseTunerLayer):
                 base.bias.data = torch.div(base.bias.data, scaling + 1e-8).to(base.bias.dtype)
 
     def unmerge(self) -> None:
-        if self.merged:
+        # (a compiled forward unmerges when the adapters are disabled: dynamo cannot trace warnings.warn)
+        if self.merged and not torch.compiler.is_compiling():
             warnings.warn("Unmerge result can be inaccurate for (IA)^3.")
         super().unmerge()
 

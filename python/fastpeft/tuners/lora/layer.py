@@ -83,6 +83,9 @@ class LoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
+        # import fastpeft.ops now, not in the first forward: torch.compile guards on the module global `_ops()`
+        # reads, so a trace that ran the import would see it change and recompile on the next call
+        _ops()
         # over another method's layer (mixed models) the shapes are those of the layer at the bottom of the nest
         innermost = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
         self.in_features, self.out_features = self._in_out_features(innermost)
