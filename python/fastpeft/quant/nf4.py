@@ -33,6 +33,9 @@ __all__ = ["NF4QuantState", "quantize_nf4", "dequantize_nf4", "LinearNF4", "quan
 
 NESTED_BLOCKSIZE = 256
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+# LinearNF4 keeps the quant state's tensors as non-persistent buffers named "nf4_<field>"
+_QS_TENSORS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+_QS_BUFFERS = tuple("nf4_" + name for name in _QS_TENSORS)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -265,6 +268,33 @@ class LinearNF4(nn.Module):
             layer.register_parameter("bias", None)
         return layer
 
+    # ---- the quant state: its tensors are buffers --------------------------------------------------
+    # The NF4 statistics (absmax, codebooks, double-quant offset and absmax) are non-persistent buffers
+    # ``nf4_absmax``, ``nf4_code``, ``nf4_offset``, ``nf4_nested_absmax``, ``nf4_nested_code``: what moves
+    # or synchronises a module's buffers sees them (DDP broadcasts rank 0's at start-up, FSDP2's
+    # ``fully_shard`` moves them to its mesh's device, accelerate places them), while the state dict keeps
+    # bitsandbytes' keys (``weight.absmax``, ...; written by ``_save_to_state_dict``). The buffers are the
+    # storage: ``quant_state`` re-reads them on every access.
+
+    @property
+    def quant_state(self) -> NF4QuantState:
+        """The :class:`NF4QuantState` that dequantises ``weight`` (its tensors: this layer's buffers)."""
+        state = self.__dict__.get("_nf4_state")
+        if state is None:
+            raise AttributeError("this LinearNF4 has no quant state yet")
+        buffers = self._buffers
+        for field_name, buffer_name in zip(_QS_TENSORS, _QS_BUFFERS):
+            t = buffers.get(buffer_name)
+            if getattr(state, field_name) is not t:
+                setattr(state, field_name, t)
+        return state
+
+    @quant_state.setter
+    def quant_state(self, state: NF4QuantState) -> None:
+        self.__dict__["_nf4_state"] = state
+        for field_name, buffer_name in zip(_QS_TENSORS, _QS_BUFFERS):
+            self.register_buffer(buffer_name, getattr(state, field_name), persistent=False)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The dequantised ``[out, in]`` weight (default dtype: the original weight's)."""
         return dequantize_nf4(self.weight, self.quant_state, dtype)
@@ -313,11 +343,16 @@ class LinearNF4(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Parameters move/cast as usual (the uint8 weight is never cast to a float dtype); the
-        # quant-state tensors only follow the device (their dtypes are part of the format).
-        super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, device=self.weight.device, dtype=torch.uint8))
-        target = probe.device if isinstance(probe, Tensor) else self.weight.device
-        self.quant_state.to(target)
+        # quant-state buffers only follow the device (their dtypes are part of the format), so they are
+        # kept out of `fn`'s reach (`.half()` would round the float32 absmax).
+        saved = {name: self._buffers.pop(name) for name in _QS_BUFFERS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, device=self.weight.device, dtype=torch.uint8))
+            target = probe.device if isinstance(probe, Tensor) else self.weight.device
+            for name, t in saved.items():
+                self._buffers[name] = None if t is None else t.to(target)
         return self
 
     def extra_repr(self) -> str:
