@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    AdapterCheckpointError,
     SAFETENSORS_WEIGHTS_NAME,
     get_peft_model_state_dict,
     load_adapter_config,
     load_peft_weights,
-    save_safetensors_atomic,
+    save_adapter_files,
     set_peft_model_state_dict,
 )
 from .config import PeftConfig, TaskType
@@ -618,8 +619,15 @@ class PeftModel(nn.Module):
 
             encoder = PromptEncoder(config)
         elif peft_type == "PREFIX_TUNING":
-            if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):
-                raise ValueError("PREFIX_TUNING does not work with gradient checkpointing (as in peft).")
+            # peft refuses gradient checkpointing here; fastpeft supports it for decoder-only models (see
+            # `_prefix_for_forward`)
+            if config.num_transformer_submodules != 1 and any(
+                getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()
+            ):
+                raise ValueError(
+                    "PREFIX_TUNING with gradient checkpointing is supported for decoder-only models only (peft "
+                    "supports it for none)"
+                )
             from .tuners.prefix_tuning.model import PrefixEncoder
 
             encoder = PrefixEncoder(config)
@@ -668,6 +676,26 @@ class PeftModel(nn.Module):
         if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
             return self._prefix_cache(self._prefix_layers(prompt, batch_size), config)
         return prompt.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _prefix_for_forward(self, batch_size: int):
+        """(the prefix cache for one training / inference forward, a context manager to call the base model in).
+        With gradient checkpointing active (training, grad enabled) the cache is read-only and the checkpointed
+        layers keep it (`tuners.prefix_tuning.model`), so that their recomputation in backward sees the same
+        prefix; otherwise it is `get_prompt`'s."""
+        if self.training and torch.is_grad_enabled():
+            from .tuners.prefix_tuning.model import (
+                checkpointing_layers, keep_prefix_under_checkpointing, read_only_prefix_cache,
+            )
+
+            if checkpointing_layers(self.base_model):
+                if self.active_peft_config.num_transformer_submodules != 1:
+                    raise ValueError(
+                        "PREFIX_TUNING with gradient checkpointing is supported for decoder-only models only"
+                    )
+                context = keep_prefix_under_checkpointing(self.base_model)
+                source = self.prompt_encoder[self.active_adapter].prompt()
+                return read_only_prefix_cache(source, lambda flat: self._prefix_layers(flat, batch_size)), context
+        return self.get_prompt(batch_size), contextlib.nullcontext()
 
     def _prefix_layers(self, flat: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[tokens, num_layers * 2 * token_dim]`` -> per decoder layer (key, value), each
@@ -951,13 +979,9 @@ class PeftModel(nn.Module):
                     self, init_config, path_initial_model_for_weight_conversion, output_state_dict, kwargs
                 )
 
-            if is_main_process:
-                os.makedirs(output_dir, exist_ok=True)
-                save_safetensors_atomic(
-                    output_state_dict, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"}
-                )
-
-            # the config is saved with inference_mode=True and the base model's name
+            # the config is saved with inference_mode=True and the base model's name, committed together with the
+            # weights (save_adapter_files): a process killed mid-save leaves the previous adapter or the new one,
+            # never new weights with the previous config
             if peft_config.base_model_name_or_path is None:
                 peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             inference_mode = peft_config.inference_mode
@@ -985,7 +1009,10 @@ class PeftModel(nn.Module):
                             config_to_save.rank_pattern = {k: 2 * v for k, v in config_to_save.rank_pattern.items()}
                         if config_to_save.alpha_pattern:
                             config_to_save.alpha_pattern = {k: 2 * v for k, v in config_to_save.alpha_pattern.items()}
-                    config_to_save.save_pretrained(output_dir, auto_mapping_dict=auto_mapping_dict)
+                    save_adapter_files(
+                        output_dir, output_state_dict, config_to_save.to_json_text(auto_mapping_dict),
+                        metadata={"format": "pt"},
+                    )
             finally:
                 peft_config.inference_mode = inference_mode
 
@@ -1113,10 +1140,13 @@ class PeftModel(nn.Module):
                 ignore_mismatched_sizes=ignore_mismatched_sizes,
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
-        except Exception:
+        except Exception as exc:
             if added and len(self.peft_config) > 1:
                 with contextlib.suppress(Exception):
                     self.delete_adapter(adapter_name)
+            if isinstance(exc, AdapterCheckpointError) and SAFETENSORS_WEIGHTS_NAME not in str(exc):
+                where = os.path.join(os.fspath(model_id), subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+                raise type(exc)(f"{where}: {exc}") from exc
             raise
         if hasattr(self.base_model, "_cast_adapter_dtype"):
             _call(
@@ -1194,8 +1224,9 @@ class _PeftModelWithClassifier(_PeftModelWithHead):
                     "prefix tuning needs"
                 )
             kwargs.pop("past_key_values", None)
-            kwargs[cache_kwarg] = self.get_prompt(batch_size)
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+            kwargs[cache_kwarg], context = self._prefix_for_forward(batch_size)
+            with context:
+                return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if kwargs.get("token_type_ids") is not None:
             tt = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat((tt.new_zeros(batch_size, n), tt), dim=1).long()
@@ -1278,8 +1309,9 @@ class PeftModelForCausalLM(PeftModel):
         if _peft_type_str(config.peft_type) == "PREFIX_TUNING":
             cache_kwarg = self._cache_kwarg(self.base_model) or "past_key_values"
             kwargs.pop("past_key_values", None)
-            kwargs[cache_kwarg] = self.get_prompt(batch_size)
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+            kwargs[cache_kwarg], context = self._prefix_for_forward(batch_size)
+            with context:
+                return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
         if labels is not None:
             labels = torch.cat((labels.new_full((batch_size, n), -100), labels), dim=1)
         inputs_embeds = self._embed_with_prompt(input_ids, inputs_embeds, batch_size)
@@ -1413,11 +1445,12 @@ class PeftModelForSeq2SeqLM(PeftModel):
         if is_prefix:
             cache_kwarg = self._cache_kwarg(self.base_model) or "past_key_values"
             kwargs.pop("past_key_values", None)
-            kwargs[cache_kwarg] = self.get_prompt(batch_size)
-            return self.base_model(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
-                decoder_inputs_embeds=decoder_inputs_embeds, **kwargs,
-            )
+            kwargs[cache_kwarg], context = self._prefix_for_forward(batch_size)
+            with context:
+                return self.base_model(
+                    input_ids=input_ids, inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
+                    decoder_inputs_embeds=decoder_inputs_embeds, **kwargs,
+                )
         # prompt tuning / P-tuning: the encoder input gets the (first num_virtual_tokens) virtual tokens
         kwargs["attention_mask"] = self._with_prefix_mask(attention_mask, n)
         inputs_embeds = self._embed_with_prompt(input_ids, inputs_embeds, batch_size, num_tokens=n)

@@ -102,23 +102,32 @@ def prepare_model_for_kbit_training(
             torch.cuda.empty_cache()
 
     if loaded_in_kbit and use_gradient_checkpointing:
+        # checkpointing first: transformers >= 5 registers the require-grad hook itself there (unconditionally,
+        # forgetting any it registered before); ours is then not added a second time
+        _enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
         if gradient_checkpointing_kwargs.get("use_reentrant", True):
             _enable_input_require_grads(model)
-        _enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
     return model
 
 
 def _enable_input_require_grads(model: nn.Module) -> None:
     """Make the input embeddings' output require grad, so that (reentrant) gradient checkpointing over frozen
-    embeddings still back-propagates: the model's ``enable_input_require_grads`` or, lacking it, a forward hook."""
+    embeddings still back-propagates: the model's ``enable_input_require_grads`` or, lacking it, a forward hook.
+    Idempotent: transformers' ``gradient_checkpointing_enable`` already registers the hook, and every adapter model
+    built on the same base calls this again; a second hook would only be one more call per forward, never removed
+    (``enable_input_require_grads`` forgets the handles of the hooks it registered before)."""
     if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+        if not getattr(model, "_require_grads_hooks", None):
+            model.enable_input_require_grads()
     elif hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+        if getattr(embeddings, "_fastpeft_require_grads_hook", None) is not None:
+            return
 
         def make_inputs_require_grad(module, input, output):
             output.requires_grad_(True)
 
-        model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        embeddings._fastpeft_require_grads_hook = embeddings.register_forward_hook(make_inputs_require_grad)
 
 
 def _enable_gradient_checkpointing(model: nn.Module, kwargs: dict) -> None:

@@ -30,7 +30,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ...checkpoint import load_adapter_config, load_peft_weights, save_safetensors_atomic, set_peft_model_state_dict
+from ...checkpoint import (
+    AdapterCheckpointError,
+    load_adapter_config,
+    load_peft_weights,
+    save_adapter_files,
+    set_peft_model_state_dict,
+)
 from ..base import BaseTuner
 from ..lora import layer as lora_layer
 from ..lora.model import LoraModel
@@ -64,7 +70,12 @@ def _load_expert(lora_model: Optional[LoraModel], model: nn.Module, name: str, p
     weights = load_peft_weights(path, device=device)
     # peft's keys are relative to a PeftModel (base_model.model....); here they are loaded into the LoraModel
     weights = {k.removeprefix("base_model."): v for k, v in weights.items()}
-    set_peft_model_state_dict(lora_model, weights, adapter_name=name)
+    try:
+        set_peft_model_state_dict(lora_model, weights, adapter_name=name)
+    except AdapterCheckpointError as exc:
+        raise AdapterCheckpointError(
+            f"X-LoRA expert {name!r}: {os.path.join(os.fspath(path), 'adapter_model.safetensors')}: {exc}"
+        ) from exc
     lora_model._cast_adapter_dtype(name, autocast_adapter_dtype=autocast_adapter_dtype)
     return lora_model
 
@@ -82,6 +93,36 @@ def resolve_expert_paths(config: XLoraConfig, model_id, adapters: Optional[dict]
             path = local
         resolved[name] = path
     config.adapters = resolved
+
+
+class _ScalingsBoundCheckpoint:
+    """A checkpointing function (``checkpoint(function, *args, **kwargs)``) whose ``function`` sees, in the forward
+    and in the recomputation, the X-LoRA scalings that were current when it was called."""
+
+    def __init__(self, owner, func) -> None:
+        self._xlora_owner = owner
+        self.func = func
+
+    def __call__(self, function, *args, **kwargs):
+        owner, state = self._xlora_owner, self._xlora_owner._scalings_state
+        # scalings that are a tensor go in as the last input of the checkpoint, so that reentrant checkpointing
+        # (which back-propagates only to its inputs) returns their gradient to the classifier's graph
+        as_input = isinstance(state, torch.Tensor)
+
+        def run(*a, **k):
+            nonlocal state
+            if as_input:
+                *a, state = a
+            previous = owner._scalings_state
+            owner._scalings_state = state
+            try:
+                return function(*a, **k)
+            finally:
+                owner._scalings_state = previous
+
+        if as_input:
+            return self.func(run, *args, state, **kwargs)
+        return self.func(run, *args, **kwargs)
 
 
 class XLoraModel(BaseTuner):
@@ -185,12 +226,24 @@ class XLoraModel(BaseTuner):
         if self.disabled:
             yield
             return
+        self._bind_checkpointed_scalings()
         handle = self.lora_model.model.register_forward_pre_hook(self._scaling_pass, with_kwargs=True)
         try:
             yield
         finally:
             handle.remove()
             self._scalings_state = None
+
+    def _bind_checkpointed_scalings(self) -> None:
+        """Gradient checkpointing recomputes a layer in backward, after this forward's scalings were cleared: wrap
+        each checkpointing function of the model (transformers' ``_gradient_checkpointing_func``, set again by every
+        ``gradient_checkpointing_enable``) so that the checkpointed function runs, both times, with the scalings
+        current when it was first called."""
+        for module in self.lora_model.model.modules():
+            func = module.__dict__.get("_gradient_checkpointing_func")
+            if func is None or getattr(func, "_xlora_owner", None) is self:
+                continue
+            module._gradient_checkpointing_func = _ScalingsBoundCheckpoint(self, func)
 
     def _scaling_pass(self, module: nn.Module, args: tuple, kwargs: dict):
         classifier = self.internal_xlora_classifier
@@ -334,9 +387,7 @@ class XLoraModel(BaseTuner):
                         for pname, p in item.named_parameters():
                             tensors[f"{key}.{pname}"] = p.detach()
             out_dir = os.path.join(save_directory, name)
-            os.makedirs(out_dir, exist_ok=True)
-            save_safetensors_atomic(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
-                                    metadata={"format": "pt"})
             to_save = copy.copy(lora_config)
             to_save.inference_mode = True
-            to_save.save_pretrained(out_dir)
+            # weights and config committed together: a killed save leaves the previous expert or the new one
+            save_adapter_files(out_dir, tensors, to_save.to_json_text(), metadata={"format": "pt"})
