@@ -187,11 +187,12 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> T
     state = NF4QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code)
     if double_quant:
         offset = absmax.mean()
-        if offset.device.type != "meta" and not bool(torch.isfinite(offset)):
-            raise ValueError(
-                "double quantisation overflowed: the mean of the per-block absmax values is not finite in "
-                "float32 (weights near the float32 limit); quantise with double_quant=False"
-            )
+        overflow = ("double quantisation overflowed: the mean of the per-block absmax values is not finite in "
+                    "float32 (weights near the float32 limit); quantise with double_quant=False")
+        if torch.compiler.is_compiling():  # (re-quantising inside a compiled graph, e.g. an unmerge): no host sync
+            torch._assert_async(torch.isfinite(offset), overflow)
+        elif offset.device.type != "meta" and not bool(torch.isfinite(offset)):
+            raise ValueError(overflow)
         nested_code = _dynamic_map(w.device)
         q, nested_absmax = ops.blockwise8_quantize(absmax - offset, nested_code, NESTED_BLOCKSIZE)
         state.absmax, state.offset = q, offset

@@ -299,7 +299,8 @@ class Linear4bit(Linear):
 
     def _unmerge_adapter(self, adapter_name: str) -> None:
         """Dequantise, subtract the delta (undo DoRA's rescale), re-quantise in place (lossy)."""
-        warnings.warn(_LOSSY_UNMERGE)
+        if not torch.compiler.is_compiling():  # (a compiled forward unmerges when disabled: dynamo cannot trace warn)
+            warnings.warn(_LOSSY_UNMERGE)
         base = self.get_base_layer()
         with torch.no_grad():
             weight = self._unmerged_weight(adapter_name, self.dequantized_weight(torch.float32))
