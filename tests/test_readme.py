@@ -143,3 +143,10 @@ def test_readme_mixed_batch_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     exec(compile(_code_under("## Mixed-adapter batches"), "README.md:mixed-batch", "exec"), {})
+
+
+def test_readme_robustness_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_code_under("## Robustness"), "README.md:robustness", "exec"), {})
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out  # the error was raised and names the file
