@@ -184,10 +184,17 @@ def _accelerate(rank: int, out: Path) -> dict:
                       OMP_NUM_THREADS="1")
     accelerator = Accelerator(cpu=True)  # takes the process group already set up
     assert accelerator.num_processes == WORLD and accelerator.process_index == rank
+    # batch_size per process: each step the two processes together see the combined batch
+    unwrapped = _accelerate_train(accelerator, BATCH // WORLD, out / "accelerate")
+    accelerator.wait_for_everyone()
+    return _adapter(unwrapped)
+
+
+def _accelerate_train(accelerator, batch_size: int, save_dir: Path):
+    """The LoRA model trained through accelerator.prepare; the unwrapped PeftModel, saved to `save_dir`."""
     model = _build("lora")
     opt = torch.optim.SGD(_trainable(model), lr=LR, momentum=MOMENTUM)
-    # batch_size per process: each step the two processes together see the combined batch
-    loader = torch.utils.data.DataLoader(_batch().repeat(STEPS, 1), batch_size=BATCH // WORLD)
+    loader = torch.utils.data.DataLoader(_batch().repeat(STEPS, 1), batch_size=batch_size)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     for ids in loader:
         accelerator.backward(model(input_ids=ids, labels=ids).loss)
@@ -195,9 +202,8 @@ def _accelerate(rank: int, out: Path) -> dict:
         opt.zero_grad()
     unwrapped = accelerator.unwrap_model(model)
     assert isinstance(unwrapped, fastpeft.PeftModel)
-    unwrapped.save_pretrained(str(out / "accelerate"), is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    return _adapter(unwrapped)
+    unwrapped.save_pretrained(str(save_dir), is_main_process=accelerator.is_main_process)
+    return unwrapped
 
 
 SCENARIOS = {
@@ -334,18 +340,7 @@ def test_accelerate_single_process_round_trip(tmp_path):
     from accelerate.state import AcceleratorState
 
     try:
-        accelerator = Accelerator(cpu=True)
-        model = _build("lora")
-        opt = torch.optim.SGD(_trainable(model), lr=LR, momentum=MOMENTUM)
-        loader = torch.utils.data.DataLoader(_batch().repeat(STEPS, 1), batch_size=BATCH)
-        model, opt, loader = accelerator.prepare(model, opt, loader)
-        for ids in loader:
-            accelerator.backward(model(input_ids=ids, labels=ids).loss)
-            opt.step()
-            opt.zero_grad()
-        unwrapped = accelerator.unwrap_model(model)
-        assert isinstance(unwrapped, fastpeft.PeftModel)
-        unwrapped.save_pretrained(str(tmp_path / "adapter"))
+        unwrapped = _accelerate_train(Accelerator(cpu=True), BATCH, tmp_path / "adapter")
         trained = _adapter(unwrapped)
         _assert_same(trained, _reference("lora"))
         _assert_loads(tmp_path / "adapter", "lora", trained)
