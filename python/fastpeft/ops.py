@@ -12,6 +12,7 @@ makes runs reproducible and activation checkpointing recomputes the same mask.
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Optional, Sequence, Tuple
@@ -68,6 +69,11 @@ def _use_kernel(x: Tensor) -> bool:
             "with nvcc and a CUDA build of torch (`pip install --no-build-isolation --no-deps .`)"
         )
     return kind in _KERNEL_DEVICES
+
+
+def _rows(t: Tensor, cols: int) -> Tensor:
+    """t [..., cols] viewed as 2-D [prod(leading dims), cols] (reshape(-1, cols) is ambiguous when cols == 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
 def _check_tensor(t, name: str, dim: Optional[int] = None) -> None:
@@ -300,7 +306,7 @@ def seeded_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
         return _ref.seeded_dropout(x, float(p), seed)
     if x.dim() == 2:
         return _ops.seeded_dropout(x, float(p), seed)
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
+    x2 = _rows(x, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
     return _ops.seeded_dropout(x2, float(p), seed).reshape(x.shape)
 
 
@@ -338,7 +344,7 @@ def lora_linear(
     if not _use_kernel(x):
         return _ref.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _ = _ops.lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -479,9 +485,9 @@ def multi_lora_mix(
     if x.dim() == 2:
         y, _ = _ops.multi_lora_mix(x, lora_A, lora_B, scalings, base, p, seed)
         return y
-    x2 = x.reshape(-1, in_f)
-    s2 = scalings.reshape(-1, n)
-    b2 = None if base is None else base.reshape(-1, out_f)
+    x2 = _rows(x, in_f)
+    s2 = _rows(scalings, n)
+    b2 = None if base is None else _rows(base, out_f)
     y, _ = _ops.multi_lora_mix(x2, lora_A, lora_B, s2, b2, p, seed)
     return y.reshape(*lead, out_f)
 
@@ -541,7 +547,7 @@ def dora_linear(
     with torch.no_grad():  # the arguments are checked above (dora_weight_norm would check them again)
         weight_norm = _ops.dora_weight_norm(weight, lora_A, lora_B, float(scaling))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _, _ = _ops.dora_forward(
         x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling), float(dropout_p), seed
     )
@@ -723,7 +729,8 @@ def _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocks
     if packed.numel() != (n + 1) // 2:
         raise ValueError(
             f"'packed' has {packed.numel()} bytes but an NF4 weight of shape [{out_features}, {in_features}] needs "
-            f"{(n + 1) // 2} (two 4-bit codes per byte)"
+            f"{(n + 1) // 2} (two 4-bit codes per byte; its shape is [out_features, in_features], one of them "
+            f"from '{ref_name}')"
         )
     given = [t is not None for t in (nested_absmax, nested_code, offset)]
     if any(given) and not all(given):
@@ -935,7 +942,7 @@ def nf4_linear(
     _check_nf4_bias(bias, x, out_features)
     if not _use_kernel(x):
         return _ref.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y = _ops.nf4_linear(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
@@ -972,7 +979,7 @@ def qlora_linear(
     if not _use_kernel(x):
         return _ref.qlora_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias,
                                  lora_A, lora_B, float(scaling), float(dropout_p), seed)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _ = _ops.qlora_forward(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
                               float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -1017,8 +1024,9 @@ def _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale) -> Tuple[int, int]:
     a, c = _kron_factor_check(x, w1, w1_a, w1_b, "w1")
     b, d = _kron_factor_check(x, w2, w2_a, w2_b, "w2")
     if x.shape[-1] != c * d:
+        n1, n2 = ("w1" if w1 is not None else "w1_b"), ("w2" if w2 is not None else "w2_b")
         raise ValueError(
-            f"'x' has last dim {x.shape[-1]} but W1 has {c} columns and W2 has {d}: in_features must be "
+            f"'x' has last dim {x.shape[-1]} but '{n1}' has {c} columns and '{n2}' has {d}: in_features must be "
             f"W1.shape[1] * W2.shape[1] = {c * d}"
         )
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -1112,7 +1120,7 @@ def kron_linear(
     if not _use_kernel(x):
         return _ref.kron_linear(x, w1, w2, w1_a=w1_a, w1_b=w1_b, w2_a=w2_a, w2_b=w2_b, scale=float(scale))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y = _ops.kron_forward(x2, w1, w1_a, w1_b, w2, w2_a, w2_b, float(scale))
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1214,7 +1222,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor,
     if not _use_kernel(x):
         return _ref.ia3_linear(x, weight, bias, scale, scale_input)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y, _ = _ops.ia3_forward(x2, weight, bias, scale, scale_input)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1378,7 +1386,7 @@ def hadamard_linear(
     if not _use_kernel(x):
         return _ref.hadamard_linear(x, w1_a, w1_b, w2_a, w2_b, float(scale))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y = _ops.hadamard_linear_forward(x2, w1_a, w1_b, w2_a, w2_b, float(scale), _HADAMARD_STRATEGY)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1652,6 +1660,7 @@ def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
 
 
 def _check_rotate_grad_y(grad_y: Tensor, x: Tensor) -> None:
+    _check_tensor(grad_y, "grad_y")
     _check_same(grad_y, x, "grad_y", "x")
     if grad_y.shape != x.shape:
         raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
@@ -1734,7 +1743,13 @@ def _segmented_check(x, lora_A, lora_B, scalings, adapter_index) -> Tuple[int, i
         out_f = b.shape[0] if out_f is None else out_f
         if b.shape[0] != out_f or b.shape[1] != a.shape[0]:
             raise ValueError(
-                f"'lora_B[{k}]' has shape {tuple(b.shape)} but must be [out={out_f}, r={a.shape[0]}] (lora_B is [out, r])")
+                f"'lora_B[{k}]' has shape {tuple(b.shape)} but must be [out={out_f}, r={a.shape[0]}] to match "
+                f"'lora_A[{k}]' {tuple(a.shape)}" + (" and 'lora_B[0]'" if k else "") + " (lora_B is [out, r])")
+    for k, s in enumerate(scalings):
+        try:
+            float(s)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"'scalings' must be a list of floats (one per adapter), got {s!r} at [{k}]") from None
     if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
         raise TypeError("'adapter_index' must be an int64 tensor (one adapter index per row, -1 = none)")
     if adapter_index.device != x.device:
@@ -1811,7 +1826,7 @@ def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: in
     callers that built the arguments themselves (the LoRA layers), where O(n) Python checks per layer and
     forward would cost more than the op."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
+    x2 = _rows(x, in_f)
     idx = adapter_index.reshape(-1)
     n = len(lora_A)
     # (data-dependent: skipped under torch.compile, where the CPU kernel's own check still raises)
