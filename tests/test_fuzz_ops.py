@@ -19,6 +19,7 @@ Every test prints how many cases it tried (``pytest -s`` or ``-rA``). Derandomiz
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -40,9 +41,11 @@ LAYOUTS = ("contig", "contig", "strided", "transposed", "expanded", "offset")
 ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
-VALID_EXAMPLES = 40
-INVALID_EXAMPLES = 60
-RAW_EXAMPLES = 40
+# Examples per (op, device) and property; FASTPEFT_FUZZ_SCALE multiplies them (a longer local hunt).
+_SCALE = float(os.environ.get("FASTPEFT_FUZZ_SCALE", "1"))
+VALID_EXAMPLES = max(1, int(150 * _SCALE))
+INVALID_EXAMPLES = max(1, int(200 * _SCALE))
+RAW_EXAMPLES = max(1, int(150 * _SCALE))
 
 
 def _settings(n):
@@ -289,11 +292,11 @@ def b_seeded_dropout(d: Draw):
                                          ("seed", torch.tensor([1, 2]), "seed"), ("seed", 7, "seed")))
 
 
-def _lora_common(d: Draw, dtype, bias_ok=True):
+def _lora_common(d: Draw, dtype, bias_ok=True, inf=True):
     lead = d.lead()
     in_f, out_f, r = d.size(), d.size(), d.size(0, 5)
     args = dict(
-        x=d.t(lead + (in_f,), dtype, bad=d.bad()),
+        x=d.t(lead + (in_f,), dtype, bad=d.bad(inf)),
         weight=d.t((out_f, in_f), dtype, scale=0.5),
         bias=d.t((out_f,), dtype) if bias_ok and d(st.booleans()) else None,
         lora_A=d.t((r, in_f), dtype, scale=0.5),
@@ -310,8 +313,11 @@ _LORA_DIMS = (("x", -1), ("weight", 0), ("weight", 1), ("lora_A", 0), ("lora_A",
 
 def b_lora_linear(d: Draw):
     dtype = d.dtype()
-    args, *_ = _lora_common(d, dtype)
-    args.update(scaling=d.scale(), dropout_p=d.dropout(), seed=d.seed())
+    scaling = d.scale()
+    # scaling 0: the kernel's GEMM with alpha = 0 never reads u (BLAS convention), so an inf in x gives the base
+    # output's inf where the reference (peft: y + 0 * inf) gives NaN; NaN alone agrees
+    args, *_ = _lora_common(d, dtype, inf=scaling != 0)
+    args.update(scaling=scaling, dropout_p=d.dropout(), seed=d.seed())
     names = ("x", "weight", "bias", "lora_A", "lora_B")
     return Case(ops.lora_linear, args, lambda a: ref.lora_linear(**a), dtype, grad=names,
                 fixed_rank=names[1:], dims=_LORA_DIMS, dtypes={k: {dtype} for k in names}, colocated=names,
@@ -320,7 +326,12 @@ def b_lora_linear(d: Draw):
 
 def b_dora_linear(d: Draw):
     dtype = d.dtype()
-    args, in_f, out_f, r = _lora_common(d, dtype)
+    # NaN only: the kernel computes (m/n) (x W^T + s B A x) + b without dropout, the reference peft's
+    # x W^T + (m/n - 1) x W^T + (m/n) s B A x, and +-inf meets its opposite in one form and not the other
+    args, in_f, out_f, r = _lora_common(d, dtype, inf=False)
+    # in_features 0: ||W + s B A|| == 0 and m / 0 makes DoRA undefined (the op and the reference give NaN
+    # forward; for zero rows the op's gradient of m is an empty sum, 0, the reference's 0 / 0)
+    assume(in_f > 0 or not args["x"].shape[:-1].numel() == 0)
     args["magnitude"] = d.t((out_f,), dtype, values=d.randn((out_f,)).abs() + 0.5)
     args.update(scaling=d.scale(), dropout_p=d.dropout(), seed=d.seed())
     names = ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")
@@ -400,7 +411,24 @@ def b_nf4_dequantize(d: Draw):
 def _code8(d: Draw):
     if d(st.booleans()):
         return ref.dynamic_map(signed=d(st.booleans())).to(d.device)
-    return torch.sort(d.randn((256,)).float()).values.clamp(-1, 1).to(d.device)
+    g = torch.Generator().manual_seed(d(st.integers(0, 3)))  # a few sorted random codes
+    return torch.sort(torch.randn(256, generator=g)).values.clamp(-1, 1).to(d.device)
+
+
+_LUTS = {}
+
+
+def _blockwise8_quantize_ref(x, code, blocksize):
+    """reference.blockwise8_quantize with its 65536-entry lookup table built once per code (it is the slow part)."""
+    key = tuple(code.cpu().tolist())
+    if key not in _LUTS:
+        _LUTS[key] = ref.blockwise8_lut(code)
+    real = ref.blockwise8_lut
+    ref.blockwise8_lut = lambda c: _LUTS[key]
+    try:
+        return ref.blockwise8_quantize(x, code, blocksize)
+    finally:
+        ref.blockwise8_lut = real
 
 
 def b_blockwise8_quantize(d: Draw):
@@ -410,7 +438,7 @@ def b_blockwise8_quantize(d: Draw):
     bad = d.bad()
     x = d.t(shape, dtype, bad=bad, scale=d(st.sampled_from([1.0, 1e-3, 100.0])))
     return Case(ops.blockwise8_quantize, dict(x=x, code=_code8(d), blocksize=bs),
-                lambda a: ref.blockwise8_quantize(**a), torch.uint8, exact=True, colocated=("x", "code"),
+                lambda a: _blockwise8_quantize_ref(**a), torch.uint8, exact=True, colocated=("x", "code"),
                 dtypes={"x": set(QUANT)},
                 bad_values=(("blocksize", 0, "blocksize"), ("blocksize", 96, "blocksize"),
                             ("code", torch.zeros(255), "code"), ("code", torch.zeros(256, dtype=F64), "code")),
@@ -483,9 +511,11 @@ def b_qlora_linear(d: Draw):
     dtype = d.dtype(QUANT)
     lead = d.lead()
     in_f, out_f, r = d.size(), d.size(), d.size(0, 5)
-    args = dict(x=d.t(lead + (in_f,), dtype, bad=d.bad()), out_features=out_f, **_nf4_state(d, out_f, in_f))
+    scaling = d.scale()  # (scaling 0 with an inf in x: see b_lora_linear)
+    args = dict(x=d.t(lead + (in_f,), dtype, bad=d.bad(scaling != 0)), out_features=out_f,
+                **_nf4_state(d, out_f, in_f))
     args.update(bias=d.t((out_f,), dtype) if d(st.booleans()) else None, lora_A=d.t((r, in_f), dtype, scale=0.5),
-                lora_B=d.t((out_f, r), dtype, scale=0.5), scaling=d.scale(), dropout_p=d.dropout(),
+                lora_B=d.t((out_f, r), dtype, scale=0.5), scaling=scaling, dropout_p=d.dropout(),
                 seed=d.seed())
 
     def expect(a):
@@ -631,7 +661,7 @@ def _rot(d: Draw, dtype, lead_shape):
         dd = n * b
     rot = d.t(lead_shape + (n, b, b), dtype, scale=0.5)
     dims = [("rot", -1), ("rot", -2)]
-    if b:
+    if b and (n >= 3 or (n == 1 and 2 * b != dd)):  # (n -> n +- 1 stays valid if it lands on a shared block)
         dims.append(("rot", -3))
         if not (n == 1 and b == 1):
             dims.append(("x", -1))
@@ -895,3 +925,115 @@ def test_fuzz_invalid(op, device):
 
     run()
     print(f"fuzzed {count[0]} invalid cases of {op} on {device}")
+
+
+# ---- the raw kernels: torch.ops.fastpeft.* as the public ops call them ---------------------------------
+
+
+class _Recorder:
+    """Stands in for fastpeft.ops._ops: records every raw op call (name, args) the public ops make."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def __getattr__(self, name):
+        op = getattr(self.real, name)
+
+        def call(*args):
+            self.calls.append((name, args))
+            return op(*args)
+
+        return call
+
+
+def record_raw_calls(case: Case):
+    """The raw calls of one forward (and, where the op is differentiable, one backward) of `case`."""
+    rec = _Recorder(ops._ops)
+    real, ops._ops = ops._ops, rec
+    try:
+        args = dict(case.args)
+        for k in case.grad:
+            v = args.get(k)
+            if isinstance(v, list):
+                args[k] = [t.detach().requires_grad_(True) for t in v]
+            elif _is_float_tensor(v):
+                args[k] = v.detach().requires_grad_(True)
+        out = case.fn(**args)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.backward(torch.ones_like(out))
+    finally:
+        ops._ops = real
+    return rec.calls
+
+
+def _arg_names(op_name):
+    return [a.name for a in getattr(torch.ops.fastpeft, op_name).default._schema.arguments]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", sorted(BUILDERS))
+def test_fuzz_raw_kernels(op, device):
+    """Break one tensor argument of one raw kernel call (wrong dtype, the meta device: the kernel must raise
+    naming it; wrong rank or size, another float dtype, a non-contiguous view: it must raise or return, never
+    crash or hang)."""
+    count = [0]
+    seen = set()
+
+    @_settings(RAW_EXAMPLES)
+    @given(st.data())
+    def run(data):
+        d = Draw(data, device)
+        case = BUILDERS[op](d)
+        assume(not case.raises_on_nonfinite)
+        calls = record_raw_calls(case)
+        assume(calls)
+        name, args = calls[d(st.integers(0, len(calls) - 1), label="call")]
+        names = _arg_names(name)
+        slots = [(i, j) for i, a in enumerate(args) for j in ([None] if isinstance(a, torch.Tensor) else
+                 range(len(a)) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else [])]
+        assume(slots)
+        i, j = d(st.sampled_from(slots), label="arg")
+        t = args[i] if j is None else args[i][j]
+        kind = d(st.sampled_from(["int", "meta", "rank", "size", "dtype", "strided"]), label="mutation")
+        if kind == "int":
+            t2 = t.float() if not t.is_floating_point() else t.detach().to(torch.int32)
+        elif kind == "meta":  # (a seed is a CPU scalar read on the host: a meta call may take a CPU one)
+            others = [a for k, a in zip(names, args) if isinstance(a, torch.Tensor) and k != "seed"]
+            assume(names[i] != "seed" and len(others) >= 2)
+            t2 = t.detach().to("meta")
+        elif kind == "rank":
+            t2 = t.detach().unsqueeze(0) if d(st.booleans()) or t.dim() == 0 or t.shape[0] == 0 else t.detach()[0]
+        elif kind == "size":
+            assume(t.dim() >= 1)
+            t2 = _resize(t.detach(), d(st.integers(0, t.dim() - 1)), d)
+        elif kind == "dtype":
+            assume(t.is_floating_point())
+            t2 = t.detach().to(d(st.sampled_from(sorted(set(FLOATS) - {t.dtype}, key=str))))
+        else:
+            assume(t.dim() >= 1 and t.numel() > 1)
+            t2 = t.detach().transpose(0, -1) if t.dim() >= 2 else t.detach()[::2]
+        new = list(args)
+        if j is None:
+            new[i] = t2
+        else:
+            new[i] = list(args[i])
+            new[i][j] = t2
+        seen.add(name)
+        count[0] += 1
+        try:
+            with torch.no_grad():
+                out = getattr(torch.ops.fastpeft, name)(*new)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        except ERRORS as e:
+            if kind in ("int", "meta"):
+                assert re.search(re.escape(names[i]), str(e)), (
+                    f"{name}: the error for a broken '{names[i]}' does not name it: {type(e).__name__}: {e}")
+            return
+        assert kind not in ("int", "meta") or (kind == "int" and t.dtype == torch.int64 and names[i] == "seed"), (
+            f"{name} accepted '{names[i]}' as {kind} ({t2.dtype}, {t2.device}) and returned")
+        del out
+
+    run()
+    print(f"fuzzed {count[0]} broken raw calls of {op} on {device} ({', '.join(sorted(seen))})")

@@ -104,10 +104,10 @@ inline void check_out_dtype(at::ScalarType s) {
               "fastpeft: 'dtype' must be float32, bfloat16 or float16, got ", s);
 }
 
-inline void check_code8(const at::Tensor& code) {
-  TORCH_CHECK(code.scalar_type() == at::kFloat, "fastpeft: 'code' must be float32, got ", code.scalar_type());
-  TORCH_CHECK(code.dim() == 1 && code.numel() == 256, "fastpeft: 'code' must have 256 elements (shape [256]), got shape ",
-              code.sizes());
+inline void check_code8(const at::Tensor& code, const char* name = "code") {
+  TORCH_CHECK(code.scalar_type() == at::kFloat, "fastpeft: '", name, "' must be float32, got ", code.scalar_type());
+  TORCH_CHECK(code.dim() == 1 && code.numel() == 256, "fastpeft: '", name,
+              "' must have 256 elements (shape [256]), got shape ", code.sizes());
 }
 
 inline void check_uint8(const at::Tensor& t, const char* name) {
@@ -213,7 +213,7 @@ inline NF4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& abs
     const int64_t nested_blocks = (blocks + 255) / 256;
     TORCH_CHECK(nested_absmax->numel() == nested_blocks, "fastpeft: 'nested_absmax' has ", nested_absmax->numel(),
                 " elements but ", blocks, " absmax codes in blocks of 256 need ", nested_blocks);
-    check_code8(*nested_code);
+    check_code8(*nested_code, "nested_code");
     TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
                 "fastpeft: 'offset' must be a one-element float32 tensor, got dtype ", offset->scalar_type(),
                 " and shape ", offset->sizes());
