@@ -849,7 +849,7 @@ def _check_qlora(x, bias, lora_A, lora_B, out_features: int) -> None:
     _check_tensor(lora_B, "lora_B", 2)
     _check_same(lora_A, x, "lora_A", "x")
     _check_same(lora_B, x, "lora_B", "x")
-    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "the NF4 weight")
+    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "'out_features'")
     _check_nf4_bias(bias, x, out_features)
 
 
