@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cstdint>
 #include <optional>
@@ -104,10 +105,10 @@ inline void check_out_dtype(at::ScalarType s) {
               "fastpeft: 'dtype' must be float32, bfloat16 or float16, got ", s);
 }
 
-inline void check_code8(const at::Tensor& code) {
-  TORCH_CHECK(code.scalar_type() == at::kFloat, "fastpeft: 'code' must be float32, got ", code.scalar_type());
-  TORCH_CHECK(code.dim() == 1 && code.numel() == 256, "fastpeft: 'code' must have 256 elements (shape [256]), got shape ",
-              code.sizes());
+inline void check_code8(const at::Tensor& code, const char* name = "code") {
+  TORCH_CHECK(code.scalar_type() == at::kFloat, "fastpeft: '", name, "' must be float32, got ", code.scalar_type());
+  TORCH_CHECK(code.dim() == 1 && code.numel() == 256, "fastpeft: '", name,
+              "' must have 256 elements (shape [256]), got shape ", code.sizes());
 }
 
 inline void check_uint8(const at::Tensor& t, const char* name) {
@@ -125,7 +126,14 @@ inline int64_t shape_numel(at::IntArrayRef shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, "fastpeft: 'shape' must not have negative sizes, got ", shape);
-    n *= d;
+  }
+  for (int64_t d : shape) {
+    if (d == 0) return 0;  // empty, whatever the other sizes
+  }
+  for (int64_t d : shape) {
+    // (an overflowing product would wrap to a small count that a small 'packed' matches)
+    TORCH_CHECK(!c10::mul_overflows(n, d, &n) && n < INT64_MAX, "fastpeft: 'shape' ", shape,
+                " has more elements than int64 holds");
   }
   return n;
 }
@@ -192,7 +200,9 @@ inline NF4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& abs
   TORCH_CHECK(out >= 0 && in >= 0, "fastpeft: the NF4 weight's shape must be non-negative, got [", out, ", ", in, "]");
   check_same_device(packed, ref, "packed", ref_name);
   check_same_device(absmax, ref, "absmax", ref_name);
-  const int64_t n = out * in;
+  int64_t n = 0;
+  TORCH_CHECK(!c10::mul_overflows(out, in, &n) && n < INT64_MAX, "fastpeft: an NF4 weight of shape [", out, ", ", in,
+              "] has more elements than int64 holds ('out_features' / 'in_features' from '", ref_name, "')");
   TORCH_CHECK(packed.numel() == (n + 1) / 2, "fastpeft: 'packed' has ", packed.numel(), " bytes but an NF4 weight of shape [",
               out, ", ", in, "] needs ", (n + 1) / 2, " (two 4-bit codes per byte)");
   const bool has_na = nested_absmax.has_value() && nested_absmax->defined();
@@ -213,7 +223,7 @@ inline NF4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& abs
     const int64_t nested_blocks = (blocks + 255) / 256;
     TORCH_CHECK(nested_absmax->numel() == nested_blocks, "fastpeft: 'nested_absmax' has ", nested_absmax->numel(),
                 " elements but ", blocks, " absmax codes in blocks of 256 need ", nested_blocks);
-    check_code8(*nested_code);
+    check_code8(*nested_code, "nested_code");
     TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
                 "fastpeft: 'offset' must be a one-element float32 tensor, got dtype ", offset->scalar_type(),
                 " and shape ", offset->sizes());

@@ -31,11 +31,12 @@ inline std::pair<int64_t, int64_t> check_segmented_lora_args(const at::Tensor& x
     const at::Tensor& b = lora_B[k];
     TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "fastpeft: 'lora_A[", k, "]' and 'lora_B[", k,
                 "]' must be 2-D, got shapes ", a.sizes(), " and ", b.sizes());
-    TORCH_CHECK(a.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(), "fastpeft: adapter ", k,
-                " has dtypes ", a.scalar_type(), "/", b.scalar_type(), " but 'x' has dtype ", x.scalar_type(),
-                "; cast them to one dtype");
-    TORCH_CHECK(a.device() == x.device() && b.device() == x.device(), "fastpeft: adapter ", k, " is on ",
-                a.device(), "/", b.device(), " but 'x' is on ", x.device(), "; move them to one device");
+    TORCH_CHECK(a.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(), "fastpeft: 'lora_A[", k,
+                "]' and 'lora_B[", k, "]' have dtypes ", a.scalar_type(), " and ", b.scalar_type(), " but 'x' has dtype ",
+                x.scalar_type(), "; cast them to one dtype");
+    TORCH_CHECK(a.device() == x.device() && b.device() == x.device(), "fastpeft: 'lora_A[", k, "]' and 'lora_B[", k,
+                "]' are on ", a.device(), " and ", b.device(), " but 'x' is on ", x.device(),
+                "; move them to one device");
     TORCH_CHECK(a.size(1) == in, "fastpeft: 'lora_A[", k, "]' has shape ", a.sizes(), " but 'x' has in_features ",
                 in, " (lora_A is [r, in])");
     TORCH_CHECK(b.size(0) == out && b.size(1) == a.size(0), "fastpeft: 'lora_B[", k, "]' has shape ", b.sizes(),

@@ -12,6 +12,8 @@ makes runs reproducible and activation checkpointing recomputes the same mask.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import weakref
 from typing import Optional, Sequence, Tuple
@@ -68,6 +70,11 @@ def _use_kernel(x: Tensor) -> bool:
             "with nvcc and a CUDA build of torch (`pip install --no-build-isolation --no-deps .`)"
         )
     return kind in _KERNEL_DEVICES
+
+
+def _rows(t: Tensor, cols: int) -> Tensor:
+    """t [..., cols] viewed as 2-D [prod(leading dims), cols] (reshape(-1, cols) is ambiguous when cols == 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
 def _check_tensor(t, name: str, dim: Optional[int] = None) -> None:
@@ -143,20 +150,56 @@ def _fake_check_linear(x, weight, bias, lora_A, lora_B) -> None:
 # ---- fake (meta) implementations ------------------------------------------------------------------
 
 
-@torch.library.register_fake("fastpeft::seeded_dropout")
+def _check_devices(names: Sequence[str], args: Sequence) -> None:
+    """Every tensor argument (lists of tensors included) on one device, except the dropout seed (read on the
+    host). A call mixing devices would otherwise be routed to the meta kernel and answer with a meta tensor."""
+    first = first_name = None
+    for name, a in zip(names, args):
+        if name == "seed":
+            continue
+        ts = a if isinstance(a, (list, tuple)) else (a,)
+        for k, t in enumerate(ts):
+            if not isinstance(t, Tensor):
+                continue
+            label = name if ts is not a else f"{name}[{k}]"
+            if first is None:
+                first, first_name = t, label
+            elif t.device != first.device:
+                raise ValueError(f"'{label}' is on {t.device} but '{first_name}' is on {first.device}; move them to one "
+                                 "device")
+
+
+def _register_fake(qualname: str):
+    """torch.library.register_fake, plus one check that the tensor arguments share a device."""
+    names = [a.name for a in getattr(_ops, qualname.split("::")[1]).default._schema.arguments]
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _check_devices(names, args)
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(qualname)(fake)
+        return fn
+
+    return deco
+
+
+
+@_register_fake("fastpeft::seeded_dropout")
 def _seeded_dropout_fake(x, p, seed):
     _check_dropout(p, seed)
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("fastpeft::lora_forward")
+@_register_fake("fastpeft::lora_forward")
 def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     _fake_check_linear(x, weight, bias, lora_A, lora_B)
     _check_dropout(dropout_p, seed)
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
-@torch.library.register_fake("fastpeft::lora_backward")
+@_register_fake("fastpeft::lora_backward")
 def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_grad_x=True):
     _fake_check_linear(x, weight, None, lora_A, lora_B)
     gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
@@ -167,7 +210,7 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("fastpeft::dora_weight_norm")
+@_register_fake("fastpeft::dora_weight_norm")
 def _dora_weight_norm_fake(weight, lora_A, lora_B, scaling):
     return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight))
 
@@ -179,7 +222,7 @@ def _check_magnitude(magnitude, weight) -> None:
         raise ValueError(f"'magnitude' has {magnitude.shape[0]} elements but 'weight' has out_features {weight.shape[0]}")
 
 
-@torch.library.register_fake("fastpeft::dora_forward")
+@_register_fake("fastpeft::dora_forward")
 def _dora_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed):
     _fake_check_linear(x, weight, bias, lora_A, lora_B)
     _check_magnitude(magnitude, weight)
@@ -188,7 +231,7 @@ def _dora_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, 
     return x.new_empty((n, out)), x.new_empty((n, lora_A.shape[0])), x.new_empty((n, out))
 
 
-@torch.library.register_fake("fastpeft::dora_backward")
+@_register_fake("fastpeft::dora_backward")
 def _dora_backward_fake(grad_y, x, weight, lora_A, lora_B, magnitude, weight_norm, u, z, scaling, dropout_p,
                         seed, need_grad_x=True):
     _fake_check_linear(x, weight, None, lora_A, lora_B)
@@ -300,7 +343,7 @@ def seeded_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
         return _ref.seeded_dropout(x, float(p), seed)
     if x.dim() == 2:
         return _ops.seeded_dropout(x, float(p), seed)
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
+    x2 = _rows(x, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
     return _ops.seeded_dropout(x2, float(p), seed).reshape(x.shape)
 
 
@@ -338,7 +381,7 @@ def lora_linear(
     if not _use_kernel(x):
         return _ref.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _ = _ops.lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -384,7 +427,7 @@ def _multi_lora_check(x, lora_A, lora_B, scalings, base) -> Tuple[int, int, int,
     return n, r, in_f, out_f
 
 
-@torch.library.register_fake("fastpeft::multi_lora_mix")
+@_register_fake("fastpeft::multi_lora_mix")
 def _multi_lora_mix_fake(x, lora_A, lora_B, scalings, base, dropout_p=0.0, seed=None):
     _fake_2d(x, "x")
     n, r, _, out_f = _multi_lora_check(x, lora_A, lora_B, scalings, base)
@@ -392,7 +435,7 @@ def _multi_lora_mix_fake(x, lora_A, lora_B, scalings, base, dropout_p=0.0, seed=
     return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0], n * r))
 
 
-@torch.library.register_fake("fastpeft::multi_lora_mix_backward")
+@_register_fake("fastpeft::multi_lora_mix_backward")
 def _multi_lora_mix_backward_fake(grad_y, x, lora_A, lora_B, scalings, u, need_grad_x=True, need_grad_weights=True,
                                   dropout_p=0.0, seed=None):
     _fake_2d(x, "x")
@@ -479,9 +522,9 @@ def multi_lora_mix(
     if x.dim() == 2:
         y, _ = _ops.multi_lora_mix(x, lora_A, lora_B, scalings, base, p, seed)
         return y
-    x2 = x.reshape(-1, in_f)
-    s2 = scalings.reshape(-1, n)
-    b2 = None if base is None else base.reshape(-1, out_f)
+    x2 = _rows(x, in_f)
+    s2 = _rows(scalings, n)
+    b2 = None if base is None else _rows(base, out_f)
     y, _ = _ops.multi_lora_mix(x2, lora_A, lora_B, s2, b2, p, seed)
     return y.reshape(*lead, out_f)
 
@@ -541,7 +584,7 @@ def dora_linear(
     with torch.no_grad():  # the arguments are checked above (dora_weight_norm would check them again)
         weight_norm = _ops.dora_weight_norm(weight, lora_A, lora_B, float(scaling))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _, _ = _ops.dora_forward(
         x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling), float(dropout_p), seed
     )
@@ -600,7 +643,7 @@ def _shape_numel(shape) -> int:
     return n
 
 
-@torch.library.register_fake("fastpeft::nf4_quantize")
+@_register_fake("fastpeft::nf4_quantize")
 def _nf4_quantize_fake(w, blocksize):
     _check_quant_input(w, "w")
     _ref.check_blocksize(blocksize)
@@ -608,20 +651,20 @@ def _nf4_quantize_fake(w, blocksize):
     return w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), w.new_empty((-(-n // blocksize),), dtype=torch.float32)
 
 
-@torch.library.register_fake("fastpeft::nf4_dequantize")
+@_register_fake("fastpeft::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, blocksize, shape, dtype):
     _ref.check_blocksize(blocksize)
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-@torch.library.register_fake("fastpeft::blockwise8_quantize")
+@_register_fake("fastpeft::blockwise8_quantize")
 def _blockwise8_quantize_fake(x, code, blocksize):
     _check_quant_input(x, "x")
     _ref.check_blocksize(blocksize)
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)
 
 
-@torch.library.register_fake("fastpeft::blockwise8_dequantize")
+@_register_fake("fastpeft::blockwise8_dequantize")
 def _blockwise8_dequantize_fake(q, absmax, code, blocksize, dtype):
     _ref.check_blocksize(blocksize)
     return q.new_empty(q.shape, dtype=dtype)
@@ -723,7 +766,8 @@ def _check_nf4_weight(packed, absmax, nested_absmax, nested_code, offset, blocks
     if packed.numel() != (n + 1) // 2:
         raise ValueError(
             f"'packed' has {packed.numel()} bytes but an NF4 weight of shape [{out_features}, {in_features}] needs "
-            f"{(n + 1) // 2} (two 4-bit codes per byte)"
+            f"{(n + 1) // 2} (two 4-bit codes per byte; its shape is [out_features, in_features], one of them "
+            f"from '{ref_name}')"
         )
     given = [t is not None for t in (nested_absmax, nested_code, offset)]
     if any(given) and not all(given):
@@ -782,7 +826,7 @@ def _fake_2d(t: Tensor, name: str) -> None:
         raise ValueError(f"'{name}' must be 2-D, got shape {tuple(t.shape)}")
 
 
-@torch.library.register_fake("fastpeft::nf4_linear")
+@_register_fake("fastpeft::nf4_linear")
 def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias):
     _fake_2d(x, "x")
     _check_nf4_input(x, "x")
@@ -791,7 +835,7 @@ def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, bloc
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.register_fake("fastpeft::nf4_linear_grad_input")
+@_register_fake("fastpeft::nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize, in_features):
     _fake_2d(grad_y, "grad_y")
     _check_nf4_input(grad_y, "grad_y")
@@ -805,11 +849,11 @@ def _check_qlora(x, bias, lora_A, lora_B, out_features: int) -> None:
     _check_tensor(lora_B, "lora_B", 2)
     _check_same(lora_A, x, "lora_A", "x")
     _check_same(lora_B, x, "lora_B", "x")
-    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "the NF4 weight")
+    _check_lora_shapes(lora_A, lora_B, x.shape[-1], "'x'", out_features, "'out_features'")
     _check_nf4_bias(bias, x, out_features)
 
 
-@torch.library.register_fake("fastpeft::qlora_forward")
+@_register_fake("fastpeft::qlora_forward")
 def _qlora_forward_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
                         scaling, dropout_p, seed):
     _fake_2d(x, "x")
@@ -821,7 +865,7 @@ def _qlora_forward_fake(x, packed, absmax, nested_absmax, nested_code, offset, b
     return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
-@torch.library.register_fake("fastpeft::qlora_backward")
+@_register_fake("fastpeft::qlora_backward")
 def _qlora_backward_fake(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
                          u, scaling, dropout_p, seed, need_grad_x=True):
     _fake_2d(x, "x")
@@ -935,7 +979,7 @@ def nf4_linear(
     _check_nf4_bias(bias, x, out_features)
     if not _use_kernel(x):
         return _ref.nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y = _ops.nf4_linear(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
@@ -972,7 +1016,7 @@ def qlora_linear(
     if not _use_kernel(x):
         return _ref.qlora_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias,
                                  lora_A, lora_B, float(scaling), float(dropout_p), seed)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _rows(x, x.shape[-1])
     y, _ = _ops.qlora_forward(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, bias, lora_A, lora_B,
                               float(scaling), float(dropout_p), seed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -1017,8 +1061,9 @@ def _kron_check(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale) -> Tuple[int, int]:
     a, c = _kron_factor_check(x, w1, w1_a, w1_b, "w1")
     b, d = _kron_factor_check(x, w2, w2_a, w2_b, "w2")
     if x.shape[-1] != c * d:
+        n1, n2 = ("w1" if w1 is not None else "w1_b"), ("w2" if w2 is not None else "w2_b")
         raise ValueError(
-            f"'x' has last dim {x.shape[-1]} but W1 has {c} columns and W2 has {d}: in_features must be "
+            f"'x' has last dim {x.shape[-1]} but '{n1}' has {c} columns and '{n2}' has {d}: in_features must be "
             f"W1.shape[1] * W2.shape[1] = {c * d}"
         )
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -1030,7 +1075,7 @@ def _kron_rows(w, w_a) -> int:
     return int(w.shape[0]) if w is not None else int(w_a.shape[0])
 
 
-@torch.library.register_fake("fastpeft::kron_forward")
+@_register_fake("fastpeft::kron_forward")
 def _kron_forward_fake(x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale):
     if x.dim() != 2:
         raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
@@ -1044,7 +1089,7 @@ def _kron_grad_pair(x, w, w_a, w_b):
     return w_a.new_empty(w_a.shape), w_b.new_empty(w_b.shape)
 
 
-@torch.library.register_fake("fastpeft::kron_backward")
+@_register_fake("fastpeft::kron_backward")
 def _kron_backward_fake(grad_y, x, w1, w1_a, w1_b, w2, w2_a, w2_b, scale):
     if x.dim() != 2:
         raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
@@ -1112,7 +1157,7 @@ def kron_linear(
     if not _use_kernel(x):
         return _ref.kron_linear(x, w1, w2, w1_a=w1_a, w1_b=w1_b, w2_a=w2_a, w2_b=w2_b, scale=float(scale))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y = _ops.kron_forward(x2, w1, w1_a, w1_b, w2, w2_a, w2_b, float(scale))
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1153,7 +1198,7 @@ def _ia3_check(x, weight, bias, scale, scale_input) -> Tuple[int, int]:
     return in_f, out_f
 
 
-@torch.library.register_fake("fastpeft::ia3_forward")
+@_register_fake("fastpeft::ia3_forward")
 def _ia3_forward_fake(x, weight, bias, scale, scale_input):
     if x.dim() != 2:
         raise ValueError(f"'x' must be 2-D, got shape {tuple(x.shape)}")
@@ -1162,7 +1207,7 @@ def _ia3_forward_fake(x, weight, bias, scale, scale_input):
     return y, (x.new_empty((0,)) if scale_input else x.new_empty((x.shape[0], out_f)))
 
 
-@torch.library.register_fake("fastpeft::ia3_backward")
+@_register_fake("fastpeft::ia3_backward")
 def _ia3_backward_fake(grad_y, saved, weight, scale, scale_input, need_grad_x=True, need_grad_bias=False):
     _fake_2d(grad_y, "grad_y")
     _fake_2d(saved, "saved")
@@ -1214,7 +1259,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor,
     if not _use_kernel(x):
         return _ref.ia3_linear(x, weight, bias, scale, scale_input)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y, _ = _ops.ia3_forward(x2, weight, bias, scale, scale_input)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1269,13 +1314,13 @@ def _check_scale(scale) -> None:
         raise TypeError(f"'scale' must be a float, got {type(scale).__name__}")
 
 
-@torch.library.register_fake("fastpeft::hadamard_delta")
+@_register_fake("fastpeft::hadamard_delta")
 def _hadamard_delta_fake(w1_a, w1_b, w2_a, w2_b, scale):
     out_f, in_f = _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b)
     return w1_a.new_empty((out_f, in_f))
 
 
-@torch.library.register_fake("fastpeft::hadamard_delta_backward")
+@_register_fake("fastpeft::hadamard_delta_backward")
 def _hadamard_delta_backward_fake(grad, w1_a, w1_b, w2_a, w2_b, scale):
     _hadamard_factors_check(w1_a, w1_b, w2_a, w2_b)
     return tuple(t.new_empty(t.shape) for t in (w1_a, w1_b, w2_a, w2_b))
@@ -1290,13 +1335,13 @@ def _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b) -> Tuple[int, int]:
     return out_f, in_f
 
 
-@torch.library.register_fake("fastpeft::hadamard_linear_forward")
+@_register_fake("fastpeft::hadamard_linear_forward")
 def _hadamard_linear_forward_fake(x, w1_a, w1_b, w2_a, w2_b, scale, strategy=0):
     out_f, _ = _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b)
     return x.new_empty((x.shape[0], out_f))
 
 
-@torch.library.register_fake("fastpeft::hadamard_linear_backward")
+@_register_fake("fastpeft::hadamard_linear_backward")
 def _hadamard_linear_backward_fake(grad_y, x, w1_a, w1_b, w2_a, w2_b, scale, strategy=0):
     _hadamard_linear_fake_check(x, w1_a, w1_b, w2_a, w2_b)
     return (x.new_empty(x.shape),) + tuple(t.new_empty(t.shape) for t in (w1_a, w1_b, w2_a, w2_b))
@@ -1378,7 +1423,7 @@ def hadamard_linear(
     if not _use_kernel(x):
         return _ref.hadamard_linear(x, w1_a, w1_b, w2_a, w2_b, float(scale))
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else _rows(x, in_f)
     y = _ops.hadamard_linear_forward(x2, w1_a, w1_b, w2_a, w2_b, float(scale), _HADAMARD_STRATEGY)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
 
@@ -1398,13 +1443,13 @@ def _check_cayley(skew, num_neumann_terms) -> None:
         raise ValueError(f"'num_neumann_terms' must be >= 0 (0 = the exact Cayley transform), got {num_neumann_terms}")
 
 
-@torch.library.register_fake("fastpeft::cayley")
+@_register_fake("fastpeft::cayley")
 def _cayley_fake(skew, num_neumann_terms=0):
     _check_cayley(skew, num_neumann_terms)
     return skew.new_empty(skew.shape)
 
 
-@torch.library.register_fake("fastpeft::cayley_backward")
+@_register_fake("fastpeft::cayley_backward")
 def _cayley_backward_fake(grad_r, skew, r, num_neumann_terms=0):
     _check_cayley(skew, num_neumann_terms)
     for t, name in ((grad_r, "grad_r"), (r, "r")):
@@ -1539,13 +1584,13 @@ def _check_perm_values(perm: Tensor) -> None:
     _CHECKED_PERMS[key] = (ref, perm._version)
 
 
-@torch.library.register_fake("fastpeft::block_diag_rotate")
+@_register_fake("fastpeft::block_diag_rotate")
 def _block_diag_rotate_fake(x, rot):
     _check_rotate(x, rot, 3)
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("fastpeft::block_diag_rotate_backward")
+@_register_fake("fastpeft::block_diag_rotate_backward")
 def _block_diag_rotate_backward_fake(grad_y, x, rot, need_grad_x=True, need_grad_rot=True):
     _check_rotate(x, rot, 3)
     _check_same(grad_y, x, "grad_y", "x")
@@ -1554,14 +1599,14 @@ def _block_diag_rotate_backward_fake(grad_y, x, rot, need_grad_x=True, need_grad
     return gx, gr
 
 
-@torch.library.register_fake("fastpeft::butterfly_rotate")
+@_register_fake("fastpeft::butterfly_rotate")
 def _butterfly_rotate_fake(x, rot, perm):
     _check_rotate(x, rot, 4)
     _check_perm_shape(perm, x, rot)
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("fastpeft::butterfly_rotate_backward")
+@_register_fake("fastpeft::butterfly_rotate_backward")
 def _butterfly_rotate_backward_fake(grad_y, x, rot, perm, need_grad_x=True, need_grad_rot=True):
     _check_rotate(x, rot, 4)
     _check_perm_shape(perm, x, rot)
@@ -1652,6 +1697,7 @@ def butterfly_rotate(x: Tensor, rot: Tensor, perm: Tensor) -> Tensor:
 
 
 def _check_rotate_grad_y(grad_y: Tensor, x: Tensor) -> None:
+    _check_tensor(grad_y, "grad_y")
     _check_same(grad_y, x, "grad_y", "x")
     if grad_y.shape != x.shape:
         raise ValueError(f"'grad_y' has shape {tuple(grad_y.shape)} but 'x' has shape {tuple(x.shape)}")
@@ -1734,7 +1780,13 @@ def _segmented_check(x, lora_A, lora_B, scalings, adapter_index) -> Tuple[int, i
         out_f = b.shape[0] if out_f is None else out_f
         if b.shape[0] != out_f or b.shape[1] != a.shape[0]:
             raise ValueError(
-                f"'lora_B[{k}]' has shape {tuple(b.shape)} but must be [out={out_f}, r={a.shape[0]}] (lora_B is [out, r])")
+                f"'lora_B[{k}]' has shape {tuple(b.shape)} but must be [out={out_f}, r={a.shape[0]}] to match "
+                f"'lora_A[{k}]' {tuple(a.shape)}" + (" and 'lora_B[0]'" if k else "") + " (lora_B is [out, r])")
+    for k, s in enumerate(scalings):
+        try:
+            float(s)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"'scalings' must be a list of floats (one per adapter), got {s!r} at [{k}]") from None
     if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
         raise TypeError("'adapter_index' must be an int64 tensor (one adapter index per row, -1 = none)")
     if adapter_index.device != x.device:
@@ -1745,7 +1797,7 @@ def _segmented_check(x, lora_A, lora_B, scalings, adapter_index) -> Tuple[int, i
     return in_f, out_f
 
 
-@torch.library.register_fake("fastpeft::segmented_lora")
+@_register_fake("fastpeft::segmented_lora")
 def _segmented_lora_fake(x, lora_A, lora_B, scalings, adapter_index):
     _fake_2d(x, "x")
     return x.new_empty((x.shape[0], lora_B[0].shape[0]))
@@ -1811,7 +1863,7 @@ def _segmented_lora_checked(x, lora_A, lora_B, scalings, adapter_index, in_f: in
     callers that built the arguments themselves (the LoRA layers), where O(n) Python checks per layer and
     forward would cost more than the op."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
+    x2 = _rows(x, in_f)
     idx = adapter_index.reshape(-1)
     n = len(lora_A)
     # (data-dependent: skipped under torch.compile, where the CPU kernel's own check still raises)

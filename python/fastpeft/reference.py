@@ -18,6 +18,7 @@ constant split into 16-bit halves so no intermediate reaches 2**63.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -103,7 +104,9 @@ def dropout_keep_mask(rows: int, cols: int, p: float, seed, device=None) -> Tens
 
 
 def _as_2d(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
 
 
 def seeded_dropout(x: Tensor, p: float, seed) -> Tensor:
@@ -174,8 +177,8 @@ def multi_lora_mix_forward(x, lora_A, lora_B, scalings, base=None, dropout_p: fl
         u = torch.cat([xd[j] @ lora_A[j].t() for j in range(n)], dim=1) if n else x.new_zeros(x.shape[0], 0)
     else:
         u = x @ lora_A.reshape(n * r, d_in).t()
-    v = (u.to(_opmath(x.dtype)).reshape(-1, n, r) * scalings.to(_opmath(x.dtype)).unsqueeze(-1)).to(x.dtype)
-    y = v.reshape(-1, n * r) @ lora_B.transpose(1, 2).reshape(n * r, -1)
+    v = (u.to(_opmath(x.dtype)).reshape(u.shape[0], n, r) * scalings.to(_opmath(x.dtype)).unsqueeze(-1)).to(x.dtype)
+    y = v.reshape(u.shape[0], n * r) @ lora_B.transpose(1, 2).reshape(n * r, lora_B.shape[1])
     return (y if base is None else base + y), u
 
 
@@ -183,16 +186,16 @@ def multi_lora_mix_backward(grad_y, x, lora_A, lora_B, scalings, u, dropout_p: f
     """(grad_x, grad_A, grad_B, grad_scalings) of multi_lora_mix_forward's y."""
     n, r, d_in = lora_A.shape
     out = lora_B.shape[1]
-    gv = (grad_y @ lora_B.permute(1, 0, 2).reshape(out, n * r)).reshape(-1, n, r)
+    gv = (grad_y @ lora_B.permute(1, 0, 2).reshape(out, n * r)).reshape(u.shape[0], n, r)
     s = scalings.unsqueeze(-1).to(gv.dtype)
-    gu = (gv * s).reshape(-1, n * r)
-    v = (u.reshape(-1, n, r) * s).reshape(-1, n * r)
-    grad_s = (gv * u.reshape(-1, n, r)).sum(-1).to(scalings.dtype)
+    gu = (gv * s).reshape(u.shape[0], n * r)
+    v = (u.reshape(u.shape[0], n, r) * s).reshape(u.shape[0], n * r)
+    grad_s = (gv * u.reshape(u.shape[0], n, r)).sum(-1).to(scalings.dtype)
     if dropout_p > 0.0:
         keep = dropout_keep_mask(n * x.shape[0], d_in, dropout_p, seed, x.device).reshape(n, x.shape[0], d_in)
         mult = keep.to(x.dtype) / (1.0 - dropout_p)
         xd = _mix_dropped(x, n, dropout_p, seed)
-        gu3 = gu.reshape(-1, n, r)
+        gu3 = gu.reshape(u.shape[0], n, r)
         grad_x = sum((mult[j] * (gu3[:, j] @ lora_A[j]) for j in range(n)), torch.zeros_like(x))
         grad_A = torch.stack([gu3[:, j].t() @ xd[j] for j in range(n)]) if n else lora_A.new_zeros(lora_A.shape)
     else:
@@ -207,7 +210,7 @@ def multi_lora_mix(x, lora_A, lora_B, scalings, base=None, dropout_p: float = 0.
     per-adapter sum written out, ``base + sum_j s_j * (drop_j(x) A_j^T) B_j^T``."""
     y = None
     n = lora_A.shape[0]
-    xd = _mix_dropped(x.reshape(-1, x.shape[-1]), n, dropout_p, seed).reshape(n, *x.shape) if dropout_p > 0 else None
+    xd = _mix_dropped(_as_2d(x), n, dropout_p, seed).reshape(n, *x.shape) if dropout_p > 0 else None
     for j in range(n):
         xj = x if xd is None else xd[j]
         term = scalings[..., j : j + 1].to(x.dtype) * ((xj @ lora_A[j].t()) @ lora_B[j].t())
@@ -516,7 +519,7 @@ def _kron_factor(w: Optional[Tensor], w_a: Optional[Tensor], w_b: Optional[Tenso
 def kron_weight(w1=None, w2=None, *, w1_a=None, w1_b=None, w2_a=None, w2_b=None, scale: float = 1.0) -> Tensor:
     """LoKr's delta weight, peft's ``make_kron``: ``scale * kron(W1, W2)`` with ``W1 = w1`` or
     ``w1_a @ w1_b`` ([a, c]) and ``W2 = w2`` or ``w2_a @ w2_b`` ([b, d]); shape [a b, c d]."""
-    return torch.kron(_kron_factor(w1, w1_a, w1_b), _kron_factor(w2, w2_a, w2_b)) * scale
+    return torch.kron(_kron_factor(w1, w1_a, w1_b).contiguous(), _kron_factor(w2, w2_a, w2_b).contiguous()) * scale
 
 
 def kron_linear(x, w1=None, w2=None, *, w1_a=None, w1_b=None, w2_a=None, w2_b=None, scale: float = 1.0) -> Tensor:
@@ -595,6 +598,8 @@ def block_diag_rotate(x: Tensor, rot: Tensor) -> Tensor:
     sum_j x[..., k b + j] rot[k, j, c]``. Accumulates in float32, rounds once to x's dtype."""
     d = x.shape[-1]
     b = rot.shape[-1]
+    if b == 0:  # 0x0 blocks: d == 0, nothing to rotate
+        return x.clone()
     blocks = d // b
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     r = rot.to(acc).expand(blocks, b, b) if rot.shape[0] == 1 else rot.to(acc)
