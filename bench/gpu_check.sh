@@ -3,7 +3,8 @@
 #   build fastpeft for sm_90a -> build_info -> pytest -m cuda -> python -m bench.run --device cuda
 # Run from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # Every stage has its own timeout and logs under $OUT; one stage failing does not stop the next.
-# Budget (defaults): build 240 s + info 45 s + tests 90 s + bench 240 s (every suite but oft, the GPU-specific
+# Budget (defaults): build 240 s + info 45 s + tests 150 s (op fuzzing, compile, long-run memory, gradient
+# checkpointing, FSDP2 included) + bench 200 s (every suite but oft, the GPU-specific
 # ones first: nf4_cuda, lora, mixed, xlora) + oft 90 s (peft's BOFT compiles its fbd_cuda extension there
 # first), about 12 minutes at most in all.
 set -u
@@ -12,8 +13,8 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 T_BUILD="${T_BUILD:-240}"
-T_TEST="${T_TEST:-90}"
-T_BENCH="${T_BENCH:-240}"
+T_TEST="${T_TEST:-150}"
+T_BENCH="${T_BENCH:-200}"
 T_OFT="${T_OFT:-90}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1      # no network there: never try to reach an index
@@ -48,7 +49,7 @@ stage build_info 45 "$OUT/build_info.log" "$PY" -c "import fastpeft, json; print
 cat "$OUT/build_info.log"
 
 # 3. CUDA tests
-stage pytest_cuda "$T_TEST" "$OUT/pytest_cuda.log" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests \
+stage pytest_cuda "$T_TEST" "$OUT/pytest_cuda.log" "$PY" -m pytest -m cuda -q -p no:cacheprovider --durations=15 tests \
   || true
 tail -25 "$OUT/pytest_cuda.log"
 
