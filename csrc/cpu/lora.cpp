@@ -374,22 +374,24 @@ struct CpuBackend {
     return 256;
   }
 
-  // fp32/fp64 (MKL): blocks of ~2 MiB of x rows (512 rows at d=1024: 2048 rows unblocked re-read
-  // x / g / y / grad_x from memory and cost ~8% over the base, 512-row blocks ~2%; 256 and 1024 are
-  // both worse), folded, since sgemm/dgemm accumulate onto C (beta = 1) at no measurable cost.
+  // fp32/fp64 (MKL): the whole batch as one block while a [rows, max(in, out)] matrix is at most ~6 MiB (it
+  // stays in the L3 between the GEMMs that share it, and MKL loses up to ~20% on a [1024, 512] x [512, 1376]
+  // product cut into 381-row blocks), else blocks of ~2 MiB of rows per thread (512 rows at d=1024: 2048 rows
+  // unblocked re-read x / g / y / grad_x from memory and cost ~8% over the base; each multi-threaded GEMM call
+  // then hands every thread a 1-thread-sized block), folded, since sgemm/dgemm accumulate onto C (beta = 1) at
+  // no measurable cost. The rank-r products are formed transposed (A x^T, B^T g^T: [r, rows]): MKL runs
+  // those ~2x faster than x A^T, g B at r = 12.
   // bf16/fp16 (oneDNN): one block, base GEMM first: oneDNN's bf16 GEMM pays ~1 ms (of ~21) for
   // beta = 1 at d=1024, 2048 rows, more than the rank-r GEMM's read-modify-write, and row blocks
   // measured no faster. With a bias the forward folds anyway: the base addmm's own bias broadcast
   // (~1.5 ms for bf16) is replaced by the bias row of the rank-r GEMM, and it runs beta = 1 already.
-  // oneDNN forms bf16 x A^T and g B ([2048, 16]) in ~0.70 ms but A x^T and B^T g^T in ~0.42 ms
-  // (for fp32 MKL it is the other way round).
+  // oneDNN forms bf16 x A^T and g B ([2048, 16]) in ~0.70 ms but A x^T and B^T g^T in ~0.42 ms.
   static FusedPlan fused_plan(int64_t in, int64_t out, at::ScalarType t) {
     if (t == at::kFloat || t == at::kDouble) {
-      // ~2 MiB of rows per thread: each multi-threaded GEMM call then hands every thread a
-      // 1-thread-sized block (fixed 2 MiB blocks at 2 threads measured 12% over base, not ~3%).
       const int64_t bytes = std::max<int64_t>(std::max(in, out), 1) * (t == at::kDouble ? 8 : 4);
       const int64_t per_thread = std::max<int64_t>((int64_t{1} << 21) / bytes, 128);
-      return {per_thread * std::max(1, at::get_num_threads()), true, true, false};
+      const int64_t whole = (int64_t{6} << 20) / bytes;
+      return {std::max(per_thread * std::max(1, at::get_num_threads()), whole), true, true, true};
     }
     return {std::numeric_limits<int64_t>::max(), false, true, t == at::kBFloat16};
   }
@@ -744,11 +746,19 @@ void add_bias_rows(at::Tensor& y, const at::Tensor& b) {
   });
 }
 
+// fp32 / fp64 without dropout: the drivers below (the adapter folded into the weight where that pays, else the
+// rank-r update written first and the base GEMM accumulated onto it); bf16 / fp16 and dropout take the shared
+// drivers (common/lora_impl.h).
+inline bool cpu_lora_path(const at::Tensor& x, double dropout_p) {
+  const at::ScalarType t = x.scalar_type();
+  return dropout_p == 0.0 && (t == at::kFloat || t == at::kDouble);
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                     const at::Tensor& lora_B, double scaling, double dropout_p,
                                                     const at::Tensor& seed) {
-  if (dropout_p != 0.0 || !fold_pays(x, x.size(1))) {
+  if (!cpu_lora_path(x, dropout_p)) {
     return lora_forward_impl<CpuBackend>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
   }
   check_lora_args(x, weight, bias, lora_A, lora_B);
@@ -757,9 +767,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
   at::Tensor y = at::empty({n, out}, x.options());
   at::Tensor u = at::empty({n, r}, x.options());
   if (n == 0) return {y, u};
-  // Per row block: u = x A^T;  y = x W'^T;  y += b (on the block's rows while they are in cache: the
-  // bias broadcast + beta = 1 GEMM of addmm costs more, ~0.7 ms per 4 MiB for oneDNN bf16).
-  const at::Tensor Wf = fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr);
+  // Per row block: u = x A^T;  folded: y = x W'^T, y += b;  else y = b + s u B^T (a write), y += x W^T (beta = 1).
+  const bool fold = fold_pays(x, in);
+  const at::Tensor Wf = fold ? fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr) : at::Tensor();
+  const at::Tensor Bt = fold ? at::Tensor() : lora_B.t().contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const FusedPlan plan = CpuBackend::fused_plan(in, out, x.scalar_type());
@@ -771,8 +782,17 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
     at::Tensor ub = u.narrow(0, r0, rows);
     at::Tensor yb = y.narrow(0, r0, rows);
     shrink_block(ub, xb, lora_A, uT, r0, rows);
-    at::mm_out(yb, xb, Wf.t());
-    if (has_bias) add_bias_rows(yb, b);
+    if (fold) {
+      at::mm_out(yb, xb, Wf.t());
+      if (has_bias) add_bias_rows(yb, b);
+    } else {
+      if (has_bias) {
+        at::addmm_out(yb, b, ub, Bt, 1.0, scaling);
+      } else {
+        mm_alpha_out(yb, ub, Bt, scaling);
+      }
+      yb.addmm_(xb, weight.t());
+    }
   }
   return {y, u};
 }
@@ -781,8 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& u, double scaling, double dropout_p, const at::Tensor& seed,
     bool need_grad_x) {
-  // (The choice does not depend on need_grad_x: grad_A / grad_B must not either.)
-  if (dropout_p != 0.0 || !fold_pays(x, weight.size(0))) {
+  if (!cpu_lora_path(x, dropout_p)) {
     return lora_backward_impl<CpuBackend>(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
                                           need_grad_x);
   }
@@ -793,10 +812,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   make_dropout(dropout_p, seed);
   at::Tensor grad_x = need_grad_x ? at::empty({n, in}, x.options()) : at::empty({0}, x.options());
   if (n == 0) return {grad_x, at::zeros({r, in}, x.options()), at::zeros({out, r}, x.options())};
-  // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  grad_x_b = g_b W';  grad_A += gu_b^T x_b.
+  // Per row block b: gu_b = s g_b B;  grad_B^T += s u_b^T g_b;  folded: grad_x_b = g_b W', else grad_x_b = gu_b A
+  // (a write), grad_x_b += g_b W (beta = 1);  grad_A += gu_b^T x_b. (grad_A / grad_B do not depend on the fold.)
   const at::ScalarType op = opmath_of(x.scalar_type());
-  const at::Tensor Wf = need_grad_x ? fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr)
-                                    : at::Tensor();
+  const bool fold = need_grad_x && fold_pays(x, out);
+  const at::Tensor Wf = fold ? fold_adapter(weight, lora_A, lora_B, scaling, at::Tensor(), true, nullptr) : at::Tensor();
   const FusedPlan plan = CpuBackend::fused_plan(in, out, x.scalar_type());
   at::Tensor gu = plan.transposed_rank ? at::empty({r, n}, x.options()) : at::empty({n, r}, x.options());
   const at::Tensor Bt = plan.transposed_rank ? lora_B.t().contiguous() : at::Tensor();
@@ -808,12 +828,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor gb = grad_y.narrow(0, r0, rows);
     const at::Tensor xb = x.narrow(0, r0, rows);
     const at::Tensor gub = grad_rank_block(gu, gb, lora_B, Bt, scaling, r0, rows);
-    acc_tn(accBt, u.narrow(0, r0, rows), gb);  // times s below
+    accumulate_tn(accBt, u.narrow(0, r0, rows), gb);  // times s below
     if (need_grad_x) {
       at::Tensor gxb = grad_x.narrow(0, r0, rows);
-      at::mm_out(gxb, gb, Wf);
+      if (fold) {
+        at::mm_out(gxb, gb, Wf);
+      } else {
+        at::mm_out(gxb, gub, lora_A);
+        gxb.addmm_(gb, weight);
+      }
     }
-    acc_tn(accA, gub, xb);
+    accumulate_tn(accA, gub, xb);
   }
   return {grad_x, accA.to(x.scalar_type()), accBt.t().mul(scaling).to(x.scalar_type()).contiguous()};
 }
