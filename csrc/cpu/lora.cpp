@@ -379,8 +379,9 @@ struct CpuBackend {
   // product cut into 381-row blocks), else blocks of ~2 MiB of rows per thread (512 rows at d=1024: 2048 rows
   // unblocked re-read x / g / y / grad_x from memory and cost ~8% over the base; each multi-threaded GEMM call
   // then hands every thread a 1-thread-sized block), folded, since sgemm/dgemm accumulate onto C (beta = 1) at
-  // no measurable cost. The rank-r products are formed transposed (A x^T, B^T g^T: [r, rows]): MKL runs
-  // those ~2x faster than x A^T, g B at r = 12.
+  // no measurable cost. The rank-r products stay [rows, r] (x A^T, g B): MKL forms A x^T, B^T g^T ~2x faster
+  // in isolation at r = 12 (1 thread), but in the layer benchmarks at 2 threads the transposed form measured
+  // no faster for LoRA / AdaLoRA and slower with dropout and DoRA.
   // bf16/fp16 (oneDNN): one block, base GEMM first: oneDNN's bf16 GEMM pays ~1 ms (of ~21) for
   // beta = 1 at d=1024, 2048 rows, more than the rank-r GEMM's read-modify-write, and row blocks
   // measured no faster. With a bias the forward folds anyway: the base addmm's own bias broadcast
@@ -391,7 +392,7 @@ struct CpuBackend {
       const int64_t bytes = std::max<int64_t>(std::max(in, out), 1) * (t == at::kDouble ? 8 : 4);
       const int64_t per_thread = std::max<int64_t>((int64_t{1} << 21) / bytes, 128);
       const int64_t whole = (int64_t{6} << 20) / bytes;
-      return {std::max(per_thread * std::max(1, at::get_num_threads()), whole), true, true, true};
+      return {std::max(per_thread * std::max(1, at::get_num_threads()), whole), true, true, false};
     }
     return {std::numeric_limits<int64_t>::max(), false, true, t == at::kBFloat16};
   }
