@@ -42,7 +42,7 @@ import re
 import tempfile
 import warnings
 from collections import namedtuple
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -871,10 +871,17 @@ def write_config_atomic(directory: str, text: str) -> None:
     """Write ``adapter_config.json`` alone (temp file, fsync, ``os.replace``), finishing an interrupted save first."""
     os.makedirs(directory, exist_ok=True)
     _finish_interrupted_save(directory)
-    tmp = _mkstemp_for(directory, CONFIG_NAME)
+    _replace_atomically(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text_synced(tmp, text))
+
+
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temp file beside ``path``, then ``os.replace`` it onto ``path`` and fsync the
+    directory; the temp file is removed if anything fails (``path`` is then untouched)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = _mkstemp_for(directory, os.path.basename(path))
     try:
-        _write_text_synced(tmp, text)
-        os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+        write(tmp)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1219,14 +1226,5 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadat
 
     For an adapter (weights + config) use :func:`save_adapter_files`, which commits the two together."""
     tensors = _prepare_for_safetensors(tensors)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = _mkstemp_for(directory, os.path.basename(path))
-    try:
-        _write_safetensors_synced(tensors, tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _replace_atomically(path, lambda tmp: _write_safetensors_synced(tensors, tmp, metadata))
