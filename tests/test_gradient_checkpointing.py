@@ -7,6 +7,7 @@ with checkpointing is a second oracle where it supports the method."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -343,3 +344,140 @@ def test_prefix_tuning_encoder_decoder_with_checkpointing_is_refused():
     _enable(model, {"use_reentrant": False})
     with pytest.raises(ValueError, match="decoder-only"):
         fastpeft.get_peft_model(model, fastpeft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"))
+
+
+# ---- the extra checkpoint input (fastpeft.training.add_extra_checkpoint_input) --------------------------------------
+# X-LoRA's scalings and prefix tuning's prefixes reach the checkpointed layers through a side channel; they go in
+# as a checkpoint input, so that reentrant checkpointing (which back-propagates to its inputs only) still returns
+# their gradient, and the recomputation sees the value of the forward.
+
+
+def _side_channel_tensors(method, model):
+    """Where `method`'s side-channel tensor will appear: a list the next forward appends it to (its grad retained)."""
+    seen = []
+
+    def keep(t):
+        t.retain_grad()
+        seen.append(t)
+
+    if method == "xlora":
+        classifier = model.base_model.internal_xlora_classifier
+        classifier.register_forward_hook(lambda module, args, out: keep(out))
+    else:  # prefix tuning with a projection: the prefix is the projection's output (not a leaf)
+        model.prompt_encoder["default"].transform.register_forward_hook(lambda module, args, out: keep(out))
+    return seen
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("method", ["xlora", "prefix_tuning_projection"])
+def test_extra_checkpoint_input_gets_the_gradient_of_plain_training(method, use_reentrant, experts):
+    """The side-channel tensor itself (X-LoRA's scalings, the projected prefix) gets, under checkpointing, the
+    gradient it gets without."""
+    base = _base(method)
+    batch = inputs(batch=2, seq=8)
+    grads = []
+    for gc_kwargs in (None, {"use_reentrant": use_reentrant}):
+        model = _build(method, base, gc_kwargs, experts)
+        seen = _side_channel_tensors(method, model)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        assert len(seen) == 1 and seen[0].grad is not None
+        grads.append(seen[0].grad)
+    assert grads[0].any()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+class _SideChannelModel(torch.nn.Module):
+    """Two layers reading one tensor from a side channel (``self.side``, as X-LoRA's layers read the scalings),
+    checkpointed as transformers checkpoints its layers: ``_gradient_checkpointing_func(partial(layer, **kw), x)``."""
+
+    def __init__(self, checkpoint=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.rand(4) + 0.5)
+        self.side = None
+        self.layer_calls = 0
+        if checkpoint is not None:
+            self._gradient_checkpointing_func = checkpoint
+
+    def layer(self, x, shift):
+        self.layer_calls += 1
+        return torch.tanh(self.linear(x) * self.side) + shift
+
+    def forward(self, x):
+        # not a leaf, shared by the layers, its graph holding saved tensors: outside the checkpoints' inputs, the
+        # first reentrant recomputation's backward would free that graph and the second fail
+        self.side = self.scale.exp()
+        function = functools.partial(self.layer, shift=1.0)
+        try:
+            for _ in range(2):
+                if "_gradient_checkpointing_func" in self.__dict__:
+                    x = self._gradient_checkpointing_func(function, x)
+                else:
+                    x = function(x)
+            return x
+        finally:
+            self.side = None  # cleared before backward recomputes the layer, as X-LoRA's scalings are
+
+    def capture_side(self, function):
+        def run_with(side, *args, **kwargs):
+            previous, self.side = self.side, side
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.side = previous
+
+        return self.side, run_with
+
+
+def _side_channel_grads(model):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    model(x).square().sum().backward()
+    return {"x": x.grad, "scale": model.scale.grad, "linear": model.linear.weight.grad}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_add_extra_checkpoint_input_returns_the_gradient_and_rebinds_the_recomputation(use_reentrant):
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from fastpeft.training import add_extra_checkpoint_input
+
+    want = _side_channel_grads(_SideChannelModel())
+    checkpoint = functools.partial(torch_checkpoint, use_reentrant=use_reentrant)
+    model = _SideChannelModel(checkpoint)
+    add_extra_checkpoint_input(model, model.capture_side)
+    add_extra_checkpoint_input(model, model.capture_side)  # another bound method of the same capture: no second wrap
+    wrapper = model._gradient_checkpointing_func
+    assert wrapper.checkpoint is checkpoint
+    got = _side_channel_grads(model)
+    assert model.layer_calls == 4  # each layer ran again in backward (with `side` cleared: it got the captured value)
+    for name, g in want.items():
+        assert g is not None and g.any() and got[name] is not None, name
+        torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_add_extra_checkpoint_input_passes_through_what_it_does_not_capture():
+    """A capture returning None leaves the call as it is; a non-tensor value is bound in the recomputation but is
+    no checkpoint input."""
+    from fastpeft.training import add_extra_checkpoint_input
+
+    calls = []
+
+    def checkpoint(function, *args, **kwargs):
+        calls.append((function, args))
+        return function(*args, **kwargs)
+
+    holder = torch.nn.Module()
+    holder._gradient_checkpointing_func = checkpoint
+    add_extra_checkpoint_input(holder, lambda function: None)
+    layer = functools.partial(torch.add, other=1)
+    x = torch.zeros(2)
+    assert torch.equal(holder._gradient_checkpointing_func(layer, x), x + 1)
+    assert calls[-1] == (layer, (x,))
+
+    bound = []
+    holder._gradient_checkpointing_func = checkpoint  # as a new gradient_checkpointing_enable sets it
+    add_extra_checkpoint_input(holder, lambda function: ("scalings", lambda value, *a: bound.append(value) or
+                                                           function(*a)))
+    assert torch.equal(holder._gradient_checkpointing_func(layer, x), x + 1)
+    assert bound == ["scalings"] and calls[-1][1] == (x,)

@@ -3,6 +3,7 @@ wrappers in fastpeft.ops, fastpeft.reference and fastpeft.nn.LinearNF4, against 
 0.50.2 (the oracle: same bytes, same state-dict keys, same outputs)."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -500,6 +501,71 @@ def test_linear_state_dict_safetensors_roundtrip(tmp_path):
     back.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     x = torch.randn(4, 128)
     assert torch.equal(back(x), layer(x))
+
+
+def _assert_state_is_buffers(layer):
+    """``quant_state``'s tensors are the layer's buffers themselves (no copies), field by field."""
+    state = layer.quant_state
+    for field in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
+        assert getattr(state, field) is layer._buffers.get("nf4_" + field), field
+
+
+def test_linear_quant_state_follows_its_buffers():
+    """The buffers are the quant state's only storage: overwriting one in place, replacing it, loading a state
+    dict or moving the layer shows in the next ``quant_state`` (and so in forward and in the state dict)."""
+    layer = LinearNF4.from_linear(linear(128, 16, seed=0), blocksize=64)
+    other = LinearNF4.from_linear(linear(128, 16, seed=1), blocksize=64)
+    x = torch.randn(3, 128)
+    _assert_state_is_buffers(layer)
+    assert layer.quant_state is not layer.quant_state  # built at each read: no object to go stale
+
+    # statistics overwritten in place (as DDP's broadcast does), then the packed weight
+    before = layer.quant_state
+    for name in ("nf4_absmax", "nf4_offset", "nf4_nested_absmax"):
+        getattr(layer, name).copy_(getattr(other, name))
+    layer.weight.data.copy_(other.weight)
+    layer.bias.data.copy_(other.bias)
+    assert torch.equal(layer.quant_state.absmax, other.quant_state.absmax)
+    assert torch.equal(layer.quant_state.offset, other.quant_state.offset) and before.offset is layer.nf4_offset
+    assert torch.equal(layer.dequantize(), other.dequantize())
+    assert torch.equal(layer(x), other(x))
+    for k, v in other.state_dict().items():
+        assert torch.equal(layer.state_dict()[k], v), k
+
+    # a buffer replaced (as FSDP2 / accelerate do)
+    new_absmax = layer.nf4_absmax.clone()
+    layer.nf4_absmax = new_absmax
+    assert layer.quant_state.absmax is new_absmax
+    _assert_state_is_buffers(layer)
+
+    # load_state_dict with another format (no double quantisation, another blocksize): tensors and fields
+    single = LinearNF4.from_linear(linear(128, 16, seed=2), blocksize=128, double_quant=False)
+    layer.load_state_dict(single.state_dict())
+    state = layer.quant_state
+    assert state.blocksize == layer.blocksize == 128 and not state.nested and not layer.double_quant
+    assert state.offset is None and "nf4_offset" not in dict(layer.named_buffers())
+    _assert_state_is_buffers(layer)
+    assert torch.equal(layer(x), single(x))
+
+    # a field set on a read state changes nothing; assigning quant_state replaces the buffers
+    layer.quant_state.blocksize = 32
+    assert layer.quant_state.blocksize == 128
+    layer.weight.data.copy_(other.weight)
+    layer.quant_state = other.quant_state
+    assert layer.nf4_absmax is other.nf4_absmax and layer.quant_state.blocksize == 64
+    assert torch.equal(layer.dequantize(), other.dequantize())
+
+    # moved: still the buffers; a deep copy has its own
+    half = layer.half()
+    assert half.quant_state.nested_absmax.dtype == torch.float32
+    _assert_state_is_buffers(half)
+    twin = copy.deepcopy(layer)
+    _assert_state_is_buffers(twin)
+    assert twin.nf4_absmax is not layer.nf4_absmax and torch.equal(twin.dequantize(), layer.dequantize())
+    if torch.cuda.is_available():
+        on_gpu = copy.deepcopy(layer).cuda()
+        _assert_state_is_buffers(on_gpu)
+        assert on_gpu.quant_state.absmax.is_cuda and on_gpu.quant_state.code.is_cuda
 
 
 # ---- CUDA (run where a GPU is present) --------------------------------------------------------------

@@ -150,6 +150,68 @@ def _enable_gradient_checkpointing(model: nn.Module, kwargs: dict) -> None:
         fn()
 
 
+# ---- gradient checkpointing with one extra input ------------------------------------------------------------------
+#
+# Some methods hand the checkpointed layers a tensor through a side channel instead of as an argument (X-LoRA's
+# scalings, read from the X-LoRA model; prefix tuning's key/value prefixes, inside a cache among the keyword
+# arguments). Under transformers' gradient checkpointing that tensor is lost twice: reentrant checkpointing links
+# its output into the autograd graph through its inputs only (a tensor reached another way is back-propagated in
+# each recomputation's own backward pass, which frees its graph for the next layer that shares it), and the
+# recomputation in backward runs after the forward, when the side channel may hold something else. So the tensor
+# goes in as the checkpoint's last input, and the recomputation is handed that input.
+
+
+class _ExtraInputCheckpoint:
+    """A checkpointing function (``checkpoint(function, *args, **kwargs)``, transformers'
+    ``_gradient_checkpointing_func``) wrapping ``checkpoint`` so that ``function`` runs, in the forward and in the
+    recomputation, with the value ``capture(function)`` captured when it was called (see
+    :func:`add_extra_checkpoint_input`)."""
+
+    def __init__(self, checkpoint, capture) -> None:
+        self.checkpoint = checkpoint
+        self.capture = capture
+
+    def __call__(self, function, *args, **kwargs):
+        captured = self.capture(function)
+        if captured is None:
+            return self.checkpoint(function, *args, **kwargs)
+        value, run_with = captured
+        if not isinstance(value, torch.Tensor):  # nothing to differentiate: only the recomputation needs it
+            return self.checkpoint(lambda *a, **k: run_with(value, *a, **k), *args, **kwargs)
+
+        def run(*inputs, **kw):
+            *inputs, value_input = inputs  # under reentrant checkpointing, the copy whose gradient flows back
+            return run_with(value_input, *inputs, **kw)
+
+        return self.checkpoint(run, *args, value, **kwargs)
+
+
+def _wraps_with(checkpoint, capture) -> bool:
+    while isinstance(checkpoint, _ExtraInputCheckpoint):
+        if checkpoint.capture == capture:  # ==: a bound method is a new object at every access
+            return True
+        checkpoint = checkpoint.checkpoint
+    return False
+
+
+def add_extra_checkpoint_input(model: nn.Module, capture) -> None:
+    """Wrap every checkpointing function of ``model`` (transformers' ``_gradient_checkpointing_func``, which every
+    ``gradient_checkpointing_enable`` sets afresh) so that each checkpointed call takes one extra input.
+
+    ``capture(function)``, called when a checkpointed ``function`` starts, returns None (checkpoint it unchanged) or
+    ``(value, run_with)``: ``run_with(value, *args, **kwargs)`` runs ``function(*args, **kwargs)`` with ``value`` put
+    back in its side channel. A tensor ``value`` is passed as the checkpoint's last input, so that its gradient
+    flows back under reentrant checkpointing too; any other value is only kept for the recomputation. Idempotent
+    per ``capture`` (a function, or a method of one object): a checkpointing function already wrapped with it is
+    left as it is, so that this may be called before every forward.
+    """
+    for module in model.modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is None or _wraps_with(checkpoint, capture):
+            continue
+        module._gradient_checkpointing_func = _ExtraInputCheckpoint(checkpoint, capture)
+
+
 def _is_fastpeft_model(model) -> bool:
     from .peft_model import PeftModel
 

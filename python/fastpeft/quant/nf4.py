@@ -19,7 +19,7 @@ dynamic map). The kernels are :func:`fastpeft.ops.nf4_quantize` and friends.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -175,6 +175,10 @@ class NF4QuantState:
         )
 
 
+# the quant state's other fields (shape, dtype, blocksizes, ...): LinearNF4 keeps them beside its buffers
+_QS_LAYOUT = tuple(f.name for f in fields(NF4QuantState) if f.name not in _QS_TENSORS)
+
+
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> Tuple[Tensor, NF4QuantState]:
     """Quantise ``w`` to NF4: ``(packed, state)`` with bitsandbytes' bytes.
 
@@ -275,24 +279,25 @@ class LinearNF4(nn.Module):
     # or synchronises a module's buffers sees them (DDP broadcasts rank 0's at start-up, FSDP2's
     # ``fully_shard`` moves them to its mesh's device, accelerate places them), while the state dict keeps
     # bitsandbytes' keys (``weight.absmax``, ...; written by ``_save_to_state_dict``). The buffers are the
-    # storage: ``quant_state`` re-reads them on every access.
+    # only storage of those tensors: ``quant_state`` is a new NF4QuantState over them at every read (no
+    # copy), so nothing that replaces or overwrites a buffer can leave a stale state behind. Its other
+    # fields (shape, dtype, blocksizes, ...) change only when the weight is quantised again, which sets
+    # ``quant_state`` as a whole.
 
     @property
     def quant_state(self) -> NF4QuantState:
-        """The :class:`NF4QuantState` that dequantises ``weight`` (its tensors: this layer's buffers)."""
-        state = self.__dict__.get("_nf4_state")
-        if state is None:
+        """The :class:`NF4QuantState` that dequantises ``weight`` (its tensors: this layer's buffers).
+
+        Built at each read: assigning to its fields changes nothing in the layer; assign ``quant_state``."""
+        layout = self.__dict__.get("_nf4_layout")
+        if layout is None:
             raise AttributeError("this LinearNF4 has no quant state yet")
-        buffers = self._buffers
-        for field_name, buffer_name in zip(_QS_TENSORS, _QS_BUFFERS):
-            t = buffers.get(buffer_name)
-            if getattr(state, field_name) is not t:
-                setattr(state, field_name, t)
-        return state
+        tensors = {field: self._buffers.get(buffer) for field, buffer in zip(_QS_TENSORS, _QS_BUFFERS)}
+        return NF4QuantState(**layout, **tensors)
 
     @quant_state.setter
     def quant_state(self, state: NF4QuantState) -> None:
-        self.__dict__["_nf4_state"] = state
+        self.__dict__["_nf4_layout"] = {name: getattr(state, name) for name in _QS_LAYOUT}
         for field_name, buffer_name in zip(_QS_TENSORS, _QS_BUFFERS):
             self.register_buffer(buffer_name, getattr(state, field_name), persistent=False)
 
@@ -305,8 +310,9 @@ class LinearNF4(nn.Module):
         bias = None if self.bias is None else self.bias.to(cdt)
         if cdt not in KERNEL_DTYPES:  # e.g. float64: the NF4 kernels compute in fp32/bf16/fp16 only
             return F.linear(x.to(cdt), self.dequantize().to(cdt), bias).to(x.dtype)
-        y = ops.nf4_linear(x.to(cdt), self.weight, blocksize=self.quant_state.blocksize,
-                           out_features=self.out_features, bias=bias, **self.quant_state.kernel_args())
+        state = self.quant_state
+        y = ops.nf4_linear(x.to(cdt), self.weight, blocksize=state.blocksize, out_features=self.out_features,
+                           bias=bias, **state.kernel_args())
         return y.to(x.dtype)
 
     # ---- state dict: bitsandbytes Linear4bit's keys ---------------------------------------------

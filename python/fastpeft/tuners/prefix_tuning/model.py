@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...training import add_extra_checkpoint_input
 from ..prompt_tuning.model import BasePromptModule
 
 
@@ -49,8 +50,9 @@ class PrefixEncoder(BasePromptModule):
 # in the forward and again when backward recomputes the layer. Prefix tuning's prefixes come in as that cache, so
 # under checkpointing the model gets a read-only prefix cache instead: ``update`` returns prefix + new keys/values
 # and stores nothing, so the recomputation sees exactly what the forward saw. The layers are told to keep it
-# (``_can_checkpoint_with_cache``) for the duration of the forward, and each checkpointing function is wrapped so
-# that the prefix tensor is an input of the checkpoint: reentrant checkpointing back-propagates to its inputs only.
+# (``_can_checkpoint_with_cache``) for the duration of the forward, and each checkpointing function is wrapped
+# (``fastpeft.training.add_extra_checkpoint_input``) so that the prefix tensor is an input of the checkpoint:
+# reentrant checkpointing back-propagates to its inputs only.
 
 _READ_ONLY_CACHE_CLASS = None
 
@@ -84,28 +86,20 @@ def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
-class _PrefixInputCheckpoint:
-    """A checkpointing function (``checkpoint(function, *args, **kwargs)``) that, when ``function`` (transformers'
-    ``partial(forward, layer, **kwargs)``) holds a read-only prefix cache, passes the cache's source tensor as the
-    checkpoint's last input and rebuilds the cache from it inside."""
+def _capture_prefix_cache(function):
+    """``add_extra_checkpoint_input``'s capture: when ``function`` (transformers' ``partial(forward, layer,
+    **kwargs)``) holds a read-only prefix cache, its source tensor, and how to run ``function`` with the cache
+    rebuilt over a given source."""
+    keywords = getattr(function, "keywords", None) or {}
+    key = next((k for k, v in keywords.items() if isinstance(v, _READ_ONLY_CACHE_CLASS or ())), None)
+    if key is None:
+        return None
+    cache = keywords[key]
 
-    _fastpeft_prefix_inputs = True
+    def run_with(source, *args, **kwargs):
+        return function(*args, **{**kwargs, key: cache.rebuilt(source)})
 
-    def __init__(self, func) -> None:
-        self.func = func
-
-    def __call__(self, function, *args, **kwargs):
-        keywords = getattr(function, "keywords", None) or {}
-        key = next((k for k, v in keywords.items() if isinstance(v, _READ_ONLY_CACHE_CLASS or ())), None)
-        if key is None:
-            return self.func(function, *args, **kwargs)
-        cache = keywords[key]
-
-        def run(*a, **k):
-            *a, source = a
-            return function(*a, **{**k, key: cache.rebuilt(source)})
-
-        return self.func(run, *args, cache.source, **kwargs)
+    return cache.source, run_with
 
 
 class keep_prefix_under_checkpointing:
@@ -121,13 +115,10 @@ class keep_prefix_under_checkpointing:
                 f"cache (`_can_checkpoint_with_cache`, transformers >= 5); {type(model).__name__} has none, so its "
                 "checkpointing would drop the prefix"
             )
-        self.funcs = [m for m in model.modules() if "_gradient_checkpointing_func" in m.__dict__]
+        self.model = model
 
     def __enter__(self):
-        for m in self.funcs:
-            func = m.__dict__["_gradient_checkpointing_func"]
-            if not getattr(func, "_fastpeft_prefix_inputs", False):
-                m._gradient_checkpointing_func = _PrefixInputCheckpoint(func)
+        add_extra_checkpoint_input(self.model, _capture_prefix_cache)
         self._saved = [(layer, layer.__dict__.get("_can_checkpoint_with_cache", _MISSING)) for layer in self.layers]
         for layer in self.layers:
             layer._can_checkpoint_with_cache = True

@@ -37,6 +37,7 @@ from ...checkpoint import (
     save_adapter_files,
     set_peft_model_state_dict,
 )
+from ...training import add_extra_checkpoint_input
 from ..base import BaseTuner
 from ..lora import layer as lora_layer
 from ..lora.model import LoraModel
@@ -93,36 +94,6 @@ def resolve_expert_paths(config: XLoraConfig, model_id, adapters: Optional[dict]
             path = local
         resolved[name] = path
     config.adapters = resolved
-
-
-class _ScalingsBoundCheckpoint:
-    """A checkpointing function (``checkpoint(function, *args, **kwargs)``) whose ``function`` sees, in the forward
-    and in the recomputation, the X-LoRA scalings that were current when it was called."""
-
-    def __init__(self, owner, func) -> None:
-        self._xlora_owner = owner
-        self.func = func
-
-    def __call__(self, function, *args, **kwargs):
-        owner, state = self._xlora_owner, self._xlora_owner._scalings_state
-        # scalings that are a tensor go in as the last input of the checkpoint, so that reentrant checkpointing
-        # (which back-propagates only to its inputs) returns their gradient to the classifier's graph
-        as_input = isinstance(state, torch.Tensor)
-
-        def run(*a, **k):
-            nonlocal state
-            if as_input:
-                *a, state = a
-            previous = owner._scalings_state
-            owner._scalings_state = state
-            try:
-                return function(*a, **k)
-            finally:
-                owner._scalings_state = previous
-
-        if as_input:
-            return self.func(run, *args, state, **kwargs)
-        return self.func(run, *args, **kwargs)
 
 
 class XLoraModel(BaseTuner):
@@ -235,15 +206,23 @@ class XLoraModel(BaseTuner):
             self._scalings_state = None
 
     def _bind_checkpointed_scalings(self) -> None:
-        """Gradient checkpointing recomputes a layer in backward, after this forward's scalings were cleared: wrap
-        each checkpointing function of the model (transformers' ``_gradient_checkpointing_func``, set again by every
-        ``gradient_checkpointing_enable``) so that the checkpointed function runs, both times, with the scalings
-        current when it was first called."""
-        for module in self.lora_model.model.modules():
-            func = module.__dict__.get("_gradient_checkpointing_func")
-            if func is None or getattr(func, "_xlora_owner", None) is self:
-                continue
-            module._gradient_checkpointing_func = _ScalingsBoundCheckpoint(self, func)
+        """Gradient checkpointing recomputes a layer in backward, after this forward's scalings were cleared: each
+        checkpointed layer runs, both times, with the scalings current when it was first called (a tensor of them
+        goes in as a checkpoint input, so that reentrant checkpointing returns their gradient to the classifier)."""
+        add_extra_checkpoint_input(self.lora_model.model, self._capture_scalings)
+
+    def _capture_scalings(self, function):
+        """``add_extra_checkpoint_input``'s capture: the scalings now, and how to run ``function`` with given ones."""
+
+        def run_with(scalings, *args, **kwargs):
+            previous = self._scalings_state
+            self._scalings_state = scalings
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._scalings_state = previous
+
+        return self._scalings_state, run_with
 
     def _scaling_pass(self, module: nn.Module, args: tuple, kwargs: dict):
         classifier = self.internal_xlora_classifier
