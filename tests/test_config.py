@@ -206,7 +206,9 @@ def test_peft_only_features_load_but_are_flagged(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = PeftConfig.from_pretrained(str(tmp_path))
     assert isinstance(ours.eva_config, dict)
-    assert "eva_config" in ours.unsupported_features()
+    assert ours.unsupported_features() == []  # EVA is implemented (tests/test_lora_inits.py)
+    ours.kasa_config = {"beta": 0.1}
+    assert "kasa_config" in ours.unsupported_features()
     assert LoraConfig(target_modules=["q"]).unsupported_features() == []
 
 

@@ -22,6 +22,7 @@ from .checkpoint import load_adapter_config
 from .config import PeftConfig
 from .peft_model import PeftModel, _check_adapter_name, _check_config, _peft_type_str
 from .training import _enable_input_require_grads
+from .tuners.lora.inits import adapter_weights_assigned_later
 from .tuners.mixed import COMPATIBLE_TUNER_TYPES, MixedModel
 
 __all__ = ["PeftMixedModel", "COMPATIBLE_TUNER_TYPES"]
@@ -225,6 +226,7 @@ class PeftMixedModel(nn.Module):
         if config.is_prompt_learning and is_trainable:
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         config.inference_mode = not is_trainable
-        mixed = cls(model, config, adapter_name)
+        with adapter_weights_assigned_later():  # the checkpoint's weights replace the init's
+            mixed = cls(model, config, adapter_name)
         mixed.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         return mixed

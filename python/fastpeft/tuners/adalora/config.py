@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...config import PeftType, register_config
-from ..lora.config import _UNSUPPORTED_SUBCONFIGS, LoraConfig, _as_dict
+from ..lora.config import _INIT_SUBCONFIGS, _UNSUPPORTED_SUBCONFIGS, LoraConfig, _as_dict
 
 
 def _is_int(value) -> bool:
@@ -51,7 +51,7 @@ class AdaLoraConfig(LoraConfig):
 
     def __post_init__(self):
         self.loftq_config = _as_dict(self.loftq_config)
-        for name in _UNSUPPORTED_SUBCONFIGS:
+        for name in _UNSUPPORTED_SUBCONFIGS + _INIT_SUBCONFIGS:  # AdaLoRA runs none of them; kept as dicts
             setattr(self, name, _as_dict(getattr(self, name)))
         rank_pattern_was_none = self.rank_pattern is None
         self._post_init_tuner(PeftType.ADALORA)

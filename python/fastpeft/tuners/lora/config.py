@@ -9,24 +9,21 @@ from typing import Literal, Optional, Union
 
 from ...config import PeftConfig, PeftType, register_config
 
-# Values of `init_lora_weights` this version can run (besides True / False / "pissa_niter_<n>").
-SUPPORTED_INITS = ("gaussian", "pissa", "olora", "loftq")
-# Values peft also accepts; a config holding them loads, but creating the adapter raises.
-PEFT_ONLY_INITS = ("eva", "corda", "orthogonal", "mica", "lora_ga")
+# Values of `init_lora_weights` this version runs (besides True / False / "pissa_niter_<n>"): all of peft's.
+SUPPORTED_INITS = ("gaussian", "pissa", "olora", "loftq", "orthogonal", "mica", "eva", "corda", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # Sub-configs of peft's LoraConfig for features fastpeft does not implement (yet). They are kept as
 # plain dicts so a peft config round-trips; a LoraModel refuses to build an adapter that sets them.
 _UNSUPPORTED_SUBCONFIGS = (
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
     "velora_config",
     "monteclora_config",
     "use_bdlora",
     "arrow_config",
     "kasa_config",
 )
+# Sub-configs fastpeft implements; also stored as plain dicts (peft's JSON), read with `<Class>.from_dict`.
+_INIT_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config")
 
 
 def _as_dict(value):
@@ -73,6 +70,117 @@ class LoftQConfig:
         return cls(**d)
 
 
+def _subconfig_from_dict(cls, value, field_name: str):
+    """`value` (an instance of `cls`, of peft's class of the same name, or a dict with its keys) as a `cls`."""
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)  # e.g. peft's own EvaConfig
+    if not isinstance(value, dict):
+        raise TypeError(f"{field_name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:  # e.g. written by a newer peft: dropped (as peft does) so that the adapter still loads
+        warnings.warn(f"{field_name}: ignoring unknown keys {unknown} ({cls.__name__} has {sorted(names)})")
+    return cls(**{k: v for k, v in value.items() if k in names})
+
+
+@dataclass
+class EvaConfig:
+    """EVA's settings (peft's `EvaConfig`): pass as `LoraConfig(init_lora_weights="eva", eva_config=...)`, then run
+    `fastpeft.initialize_lora_eva_weights(model, dataloader)`.
+
+    Args:
+        rho: >= 1; a layer may get up to `r * rho` ranks when the budget is redistributed (1.0: no redistribution).
+        tau: cosine-similarity threshold in [0, 1] at which a layer's incremental SVD counts as converged.
+        use_label_mask: ignore the token positions whose `labels` equal `label_mask_value`.
+        label_mask_value: see `use_label_mask`.
+        whiten: divide the singular vectors by their singular values.
+        adjust_scaling_factors: rescale lora_alpha per layer after redistribution (alpha * new_rank / r).
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self):
+        if self.rho < 1.0:
+            raise ValueError(f"EvaConfig.rho must be >= 1.0, got {self.rho}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"EvaConfig.tau must be between 0.0 and 1.0, got {self.tau}")
+
+    @classmethod
+    def from_dict(cls, d) -> "EvaConfig":
+        return _subconfig_from_dict(cls, d, "eva_config")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA's settings (peft's `CordaConfig`): pass as `LoraConfig(init_lora_weights="corda", corda_config=...)` and
+    run `fastpeft.tuners.lora.preprocess_corda(model, lora_config, run_model=...)` before `get_peft_model`.
+
+    Args:
+        cache_file: a file for the per-layer SVD results (reused when it exists).
+        covariance_file: a file for the per-layer input covariance (reused when it exists).
+        corda_method: "ipm" (instruction-previewed: the adapter takes the top components) or "kpm"
+            (knowledge-preserved: the adapter takes the smallest components).
+        verbose: print progress.
+        use_float16_for_covariance: accumulate the covariance in float16 (half the memory, less accurate).
+        prune_temporary_fields: drop the per-layer temporaries once the SVD is done.
+    """
+
+    cache_file: Optional[str] = None
+    covariance_file: Optional[str] = None
+    corda_method: Literal["ipm", "kpm"] = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self):
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+
+    @classmethod
+    def from_dict(cls, d) -> "CordaConfig":
+        return _subconfig_from_dict(cls, d, "corda_config")
+
+
+@dataclass
+class LoraGAConfig:
+    """LoRA-GA's settings (peft's `LoraGAConfig`): pass as `LoraConfig(init_lora_weights="lora_ga",
+    lora_ga_config=...)` after `fastpeft.preprocess_loraga(model, lora_config, train_step=...)`.
+
+    Args:
+        direction: how the gradient's singular vectors are split between A and B: "ArBr", "A2rBr", "ArB2r", "random".
+        scale: "stable", "weight_svd", "gd_scale" or "unit".
+        stable_gamma: gamma of the "stable" scale.
+    """
+
+    direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = "ArB2r"
+    scale: Literal["stable", "weight_svd", "gd_scale", "unit"] = "stable"
+    stable_gamma: int = 16
+
+    def __post_init__(self):
+        if self.direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ValueError(
+                f"LoraGAConfig.direction must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', got {self.direction!r}"
+            )
+        if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ValueError(
+                f"LoraGAConfig.scale must be 'stable', 'weight_svd', 'gd_scale' or 'unit', got {self.scale!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, d) -> "LoraGAConfig":
+        return _subconfig_from_dict(cls, d, "lora_ga_config")
+
+
+_SUBCONFIG_CLASSES = {"eva_config": EvaConfig, "corda_config": CordaConfig, "lora_ga_config": LoraGAConfig}
+
+
 @register_config(PeftType.LORA)
 @dataclass
 class LoraConfig(PeftConfig):
@@ -83,7 +191,8 @@ class LoraConfig(PeftConfig):
     matched against the full module name; "all-linear": every Linear/Conv1D but the output layer),
     `exclude_modules`, `fan_in_fan_out` (True for transformers' Conv1D weights), `bias` ("none", "all",
     "lora_only"), `modules_to_save`, `init_lora_weights` (True, False, "gaussian", "pissa",
-    "pissa_niter_<n>", "olora", "loftq"), `layers_to_transform` / `layers_pattern`, `rank_pattern` /
+    "pissa_niter_<n>", "olora", "loftq", "orthogonal", "mica", "eva", "corda", "lora_ga"; the data-driven
+    ones with `initialize_lora_eva_weights`, `preprocess_corda`, `preprocess_loraga`), `layers_to_transform` / `layers_pattern`, `rank_pattern` /
     `alpha_pattern` (module-name regex -> rank / alpha), `use_dora`, `lora_bias`.
     """
 
@@ -125,7 +234,7 @@ class LoraConfig(PeftConfig):
     def __post_init__(self):
         # nested configs may come as dataclass instances (peft's LoftQConfig, EvaConfig, ...): keep dicts
         self.loftq_config = _as_dict(self.loftq_config)
-        for name in _UNSUPPORTED_SUBCONFIGS:
+        for name in _UNSUPPORTED_SUBCONFIGS + _INIT_SUBCONFIGS:
             setattr(self, name, _as_dict(getattr(self, name)))
         self._post_init_tuner(PeftType.LORA)
 
@@ -139,10 +248,11 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.init_lora_weights, str):
             init = self.init_lora_weights
-            if not (init in SUPPORTED_INITS or init in PEFT_ONLY_INITS or _PISSA_NITER.fullmatch(init)):
+            if not (init in SUPPORTED_INITS or _PISSA_NITER.fullmatch(init)):
                 raise ValueError(
                     f"LoraConfig.init_lora_weights={init!r} is not valid; use True, False, 'gaussian', 'pissa', "
-                    "'pissa_niter_<n>' (n a non-negative integer), 'olora' or 'loftq'"
+                    "'pissa_niter_<n>' (n a non-negative integer), 'olora', 'loftq', 'orthogonal', 'mica', 'eva', "
+                    "'corda' or 'lora_ga'"
                 )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
@@ -175,6 +285,8 @@ class LoraConfig(PeftConfig):
             warnings.warn("LoraConfig.loftq_config is ignored because init_lora_weights is not 'loftq'")
             self.loftq_config = {}
 
+        self._check_init_subconfigs()
+
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -195,13 +307,33 @@ class LoraConfig(PeftConfig):
                 "converted back after training (path_initial_model_for_weight_conversion)"
             )
 
+    def _check_init_subconfigs(self) -> None:
+        """peft's handling of eva_config / corda_config / lora_ga_config: eva and corda get a default sub-config when
+        it is missing, a sub-config for another init is kept but warned about; each is checked by its class."""
+        for name, cls in _SUBCONFIG_CLASSES.items():
+            init = name.removesuffix("_config")
+            value = getattr(self, name)
+            if value is None:
+                if self.init_lora_weights == init and init in ("eva", "corda"):
+                    warnings.warn(
+                        f"`init_lora_weights` is {init!r} but `{name}` is not specified. Using default "
+                        f"{cls.__name__} config."
+                    )
+                    setattr(self, name, dataclasses.asdict(cls()))
+                continue
+            cls.from_dict(value)  # its checks (keys, values)
+            if self.init_lora_weights != init and init in ("eva", "corda"):
+                warnings.warn(f"`{name}` specified but will be ignored when `init_lora_weights` is not {init!r}.")
+
+    def init_subconfig(self, name: str):
+        """`eva_config`, `corda_config` or `lora_ga_config` as its dataclass (None when not set)."""
+        value = getattr(self, name)
+        return None if value is None else _SUBCONFIG_CLASSES[name].from_dict(value)
+
     def unsupported_features(self) -> list[str]:
         """The fields that ask for a peft feature fastpeft's LoRA cannot run (empty when all is supported)."""
         found = [name for name in _UNSUPPORTED_SUBCONFIGS if getattr(self, name) is not None]
-        if self.init_lora_weights in PEFT_ONLY_INITS:
-            found.append(f"init_lora_weights={self.init_lora_weights!r}")
-        for name in ("megatron_config", "alora_invocation_tokens", "layer_replication", "target_parameters",
-                     "trainable_token_indices"):
+        for name in ("megatron_config", "alora_invocation_tokens", "layer_replication", "target_parameters"):
             if getattr(self, name):
                 found.append(name)
         for name in ("use_qalora", "ensure_weight_tying"):

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import BaseTunerLayer, _conv1d_class, linear_kind, transpose
-from .config import PEFT_ONLY_INITS, LoraConfig
+from .config import LoraConfig
+from .inits import building_adapter_for_checkpoint
 
 _ops_module = None
 
@@ -80,6 +81,8 @@ class LoraLayer(BaseTunerLayer):
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._caches: dict[str, torch.Tensor] = {}  # DoRA weight norms of merged adapters
+        # adapter -> names of its weights that stay frozen in training (peft's attribute; MiCA's lora_B)
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -117,8 +120,8 @@ class LoraLayer(BaseTunerLayer):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         init = config.init_lora_weights
-        if init in PEFT_ONLY_INITS:
-            raise NotImplementedError(f"init_lora_weights={init!r} is not supported by fastpeft")
+        if init == "mica" and config.use_dora:
+            raise ValueError("init_lora_weights='mica' cannot be combined with use_dora=True (as in peft); drop one")
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
                 f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
@@ -139,12 +142,81 @@ class LoraLayer(BaseTunerLayer):
             self._olora_init(adapter_name)
         elif init == "loftq":
             self._loftq_init(adapter_name, config)
+        elif init in ("orthogonal", "mica", "eva", "corda", "lora_ga"):
+            self._init_peft_method(adapter_name, init, config)
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if init == "mica":  # MiCA trains A only (peft's MiCA variant registers B as frozen)
+            self._register_frozen_weight(adapter_name, "lora_embedding_B" if isinstance(self, Embedding) else "lora_B")
         if config.use_dora:
             self._dora_init(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ---- trainability: weights an adapter keeps frozen (peft's frozen_peft_weight_names) ----
+
+    def _register_frozen_weight(self, adapter_name: str, weight_name: str) -> None:
+        # getattr: layers of other methods built on LoraLayer may not run _init_lora_layer
+        frozen = dict(getattr(self, "frozen_peft_weight_names", {}))
+        if weight_name not in frozen.get(adapter_name, ()):
+            frozen[adapter_name] = frozen.get(adapter_name, ()) + (weight_name,)
+        self.frozen_peft_weight_names = frozen
+        self._freeze_non_trainable_peft_weights(adapter_name)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        """Re-freeze the registered weights (after anything that marks adapter weights trainable)."""
+        frozen = getattr(self, "frozen_peft_weight_names", {})
+        if adapter_names is None:
+            adapter_names = list(frozen)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for adapter in adapter_names:
+            for weight_name in frozen.get(adapter, ()):
+                container = getattr(self, weight_name)
+                if adapter in container:
+                    container[adapter].requires_grad_(False)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_non_trainable_peft_weights()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._freeze_non_trainable_peft_weights()
+
+    # ---- inits ----
+
+    def _init_peft_method(self, adapter_name: str, init: str, config: LoraConfig) -> None:
+        """The inits "orthogonal", "mica", "eva", "corda", "lora_ga" (peft's semantics, per layer kind)."""
+        if any(p.device.type == "meta" for p in self._adapter_params(adapter_name)):
+            return  # created empty (low_cpu_mem_usage): the checkpoint fills the weights; nothing to compute
+        if init == "lora_ga" and not isinstance(self, Linear):
+            self.reset_lora_parameters(adapter_name, True)  # peft: LoRA-GA covers Linear / Conv1D only
+            return
+        if isinstance(self, _ConvNd):
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported for {type(self.get_base_layer()).__name__} layers (as "
+                "in peft); exclude them from target_modules or use init_lora_weights=True"
+            )
+        if init == "mica":
+            self._mica_init(adapter_name)
+        elif isinstance(self, Embedding):
+            # peft gives embeddings the default init for the other methods
+            self.reset_lora_parameters(adapter_name, True)
+        elif init == "orthogonal":
+            self._orthogonal_init(adapter_name)
+        elif init == "eva":
+            # A keeps nn.Linear's init and B is zero (peft); initialize_lora_eva_weights then sets A from data
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        elif init == "corda":
+            self._corda_init(adapter_name)
+        else:
+            self._lora_ga_init(adapter_name, config)
+
+    def _adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
+        if adapter_name in self.lora_embedding_A:
+            return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
+        return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         """peft's default inits: A kaiming-uniform(a=sqrt(5)) (or N(0, 1/r) for "gaussian"), B zeros;
@@ -211,6 +283,103 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name].weight.data = Q[:, :r].contiguous()
         weight = weight - scaling * self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
         base.weight.data = weight.to(dtype)
+
+    @torch.no_grad()
+    def _orthogonal_init(self, adapter_name: str) -> None:
+        """Orthogonal init (peft's): the rows of a random r x r orthogonal Q are split, odd ones into A and even ones
+        into B, each mixed with Gaussian noise / 10, so B A = 0 at the start (Q's rows are orthogonal) while neither
+        factor is zero. The base weight is untouched. Draws from torch's CPU RNG in peft's order (same seed, same A, B)."""
+        r = self.r[adapter_name]
+        if r % 2 != 0:
+            raise ValueError(
+                f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead; choose an even r "
+                "(and even values in rank_pattern)"
+            )
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        dtype = self.get_base_layer().weight.dtype
+        lora_A = (torch.randn(self.in_features, r // 2) @ Q[0::2, :]).T / 10.0
+        lora_B = torch.randn(r // 2, self.out_features).T @ Q[1::2, :] / 10.0
+        self.lora_A[adapter_name].weight.data = lora_A.contiguous().to(dtype)
+        self.lora_B[adapter_name].weight.data = lora_B.contiguous().to(dtype)
+
+    @torch.no_grad()
+    def _mica_init(self, adapter_name: str) -> None:
+        """MiCA: B = the r left singular vectors of W [out, in] with the smallest singular values, A = 0 (so the
+        base weight stays as it is); B is frozen in training (registered in update_layer)."""
+        base = self.get_base_layer()
+        dtype = base.weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError("Please initialize MiCA under float32, float16, or bfloat16.")
+        embedding = isinstance(self, Embedding)
+        # the adapter's map is [out, in]: for an embedding that is weight.T ([dim, num_embeddings])
+        weight = base.weight.detach().to(torch.float32)
+        weight = weight.T if embedding else transpose(weight, self.fan_in_fan_out)
+        r, max_r = self.r[adapter_name], min(weight.shape)
+        if r > max_r:
+            raise ValueError(
+                f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with weight shape "
+                f"{tuple(weight.shape)} (max usable r is {max_r}); lower r (or its rank_pattern entry)"
+            )
+        U, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        lora_B = U[:, -r:].contiguous().to(dtype)
+        lora_A = torch.zeros(r, weight.shape[1], device=weight.device, dtype=dtype)
+        if embedding:
+            self.lora_embedding_B[adapter_name].data = lora_B
+            self.lora_embedding_A[adapter_name].data = lora_A
+        else:
+            self.lora_B[adapter_name].weight.data = lora_B
+            self.lora_A[adapter_name].weight.data = lora_A
+
+    def _corda_init(self, adapter_name: str) -> None:
+        """CorDA: A, B from the covariance-aware SVD that `preprocess_corda` left on the base layer (`eigens`), with
+        the singular values split as sqrt(S / scaling) on each side; the base weight keeps W - scaling * B A."""
+        base = self.get_base_layer()
+        if not hasattr(base, "eigens"):
+            if building_adapter_for_checkpoint():
+                # the checkpoint brings A and B, and the base passed in is the residual model: change nothing
+                self.reset_lora_parameters(adapter_name, True)
+                return
+            raise ValueError(
+                "`eigens` attribute not found for layer, please run `preprocess_corda` first "
+                "(fastpeft.tuners.lora.preprocess_corda(model, lora_config, run_model=...)) before get_peft_model"
+            )
+        from .corda import corda_factors
+
+        lora_A, lora_B = corda_factors(base, self.r[adapter_name], self.scaling[adapter_name], self.fan_in_fan_out)
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+        self._subtract_from_base(adapter_name)
+        del base.eigens
+
+    def _lora_ga_init(self, adapter_name: str, config: LoraConfig) -> None:
+        """LoRA-GA: A, B from the SVD of the gradient `preprocess_loraga` left on the base layer; without it (a
+        checkpoint is being loaded) peft's default init."""
+        base = self.get_base_layer()
+        if not hasattr(base, "_peft_loraga_grad"):
+            if not building_adapter_for_checkpoint():
+                warnings.warn(
+                    "init_lora_weights='lora_ga' but no gradient was found on the layer (run preprocess_loraga first); "
+                    "using the default LoRA init, as peft does"
+                )
+            self.reset_lora_parameters(adapter_name, True)
+            return
+        from .loraga import loraga_factors
+
+        lora_A, lora_B = loraga_factors(self, adapter_name, config.init_subconfig("lora_ga_config"))
+        self.lora_A[adapter_name].weight.data = lora_A.contiguous()
+        self.lora_B[adapter_name].weight.data = lora_B.contiguous()
+        self._subtract_from_base(adapter_name)
+        del base._peft_loraga_grad
+
+    @torch.no_grad()
+    def _subtract_from_base(self, adapter_name: str) -> None:
+        """W <- W - scaling * B A (in float32, stored in W's dtype): the adapted layer starts with the base output."""
+        base = self.get_base_layer()
+        dtype = base.weight.dtype
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        delta = transpose(self.scaling[adapter_name] * b @ a, self.fan_in_fan_out)
+        base.weight.data = (base.weight.detach().float() - delta).to(dtype)
 
     def _loftq_init(self, adapter_name: str, config: LoraConfig) -> None:
         try:
@@ -299,6 +468,7 @@ class LoraLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._caches.pop(f"{adapter_name}-weight_norm", None)
+        getattr(self, "frozen_peft_weight_names", {}).pop(adapter_name, None)
 
     # ---- scaling helpers (peft's API) ----
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 import operator
+import os
 import warnings
 from typing import Literal, Optional, Union
 
@@ -15,6 +16,7 @@ from torch import nn
 from .. import merge_utils
 from ..base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, get_pattern_key
 from .config import LoraConfig
+from .inits import adapter_weights_assigned_later
 from .layer import LoraLayer, _ConvNd, dispatch_default
 
 _SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -293,7 +295,8 @@ class LoraModel(BaseTuner):
             alpha_pattern={}, rank_pattern={},
         )
         try:
-            self.inject_adapter(self.model, adapter_name)
+            with adapter_weights_assigned_later():  # e.g. a CorDA adapter's init needs data it cannot have here
+                self.inject_adapter(self.model, adapter_name)
             for layer in [m for m in self.model.modules() if isinstance(m, LoraLayer)]:
                 self._combine_into_layer(
                     layer, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp,
@@ -390,6 +393,59 @@ class LoraModel(BaseTuner):
             U = U.reshape(target_B.shape)
             Vh = Vh.reshape(target_A.shape)
         return Vh, U
+
+    # ---- converting an adapter that changed the base weights into a plain LoRA (peft's API) ----
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(
+        cls, peft_model, peft_config, path_initial_model_for_weight_conversion, output_state_dict, kwargs
+    ):
+        """`save_pretrained(..., path_initial_model_for_weight_conversion=...)`: the adapter saved at that path right
+        after a PiSSA / OLoRA / CorDA / LoRA-GA init (with init_lora_weights=True) is loaded, and the trained adapter
+        becomes a rank-2r LoRA for the *original* base weights (see `subtract_mutated_init`)."""
+        if peft_config.use_rslora and (peft_config.rank_pattern or peft_config.alpha_pattern):
+            raise ValueError(
+                "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+                "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
+            )
+        if not any(str(peft_config.init_lora_weights).lower().startswith(p)
+                   for p in ("pissa", "corda", "olora", "lora_ga", "true")):
+            warnings.warn(
+                "`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA "
+                "adapter to a LoRA adapter"
+            )
+        initial_name = os.path.basename(path_initial_model_for_weight_conversion)
+        try:
+            peft_model.load_adapter(
+                os.path.dirname(path_initial_model_for_weight_conversion), subfolder=initial_name,
+                adapter_name=initial_name,
+            )
+            init = str(peft_model.peft_config[initial_name].init_lora_weights).lower()
+            if init.startswith("pissa") or init in ("corda", "olora", "lora_ga"):
+                raise ValueError(
+                    "The `init_lora_weights` parameter of the initial adapter should be set to `True`. Otherwise, "
+                    "`self.load_adapter` will subtract the decomposed values again based on the residual model."
+                )
+            return peft_model.base_model.subtract_mutated_init(output_state_dict, initial_name, kwargs)
+        finally:
+            peft_model.delete_adapter(initial_name)
+
+    def subtract_mutated_init(self, output_state_dict: dict, adapter_name: str, kwargs=None) -> dict:
+        """The trained adapter in `output_state_dict` (A, B; trained on W_res = W - s B0 A0) as a LoRA for W itself:
+        W_res + s B A = W + s (B A - B0 A0) = W + s [B, -B0] [A; A0], with A0, B0 the initial adapter `adapter_name`.
+        Keys are those of `output_state_dict` (peft's: "base_model.model.<module>.lora_A.weight")."""
+        converted = {}
+        for key, tensor in output_state_dict.items():
+            kind = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+            if kind is None or not key.endswith(".weight"):
+                converted[key] = tensor
+                continue
+            # the first component is the PeftModel's `base_model`, i.e. this LoraModel
+            module_path = key.split(f".{kind}.")[0].split(".", 1)[1]
+            initial = getattr(self.get_submodule(module_path), kind)[adapter_name].weight.detach()
+            initial = initial.to(device=tensor.device, dtype=tensor.dtype)
+            converted[key] = torch.cat([tensor, initial], 0) if kind == "lora_A" else torch.cat([tensor, -initial], 1)
+        return converted
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
