@@ -47,6 +47,7 @@ class PeftType(str, enum.Enum):
     # fastpeft's own methods (not in peft); same file layout, their own peft_type
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
     def __str__(self) -> str:  # "LORA", not "PeftType.LORA"
         return self.value
@@ -84,6 +85,7 @@ _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.PREFIX_TUNING: "fastpeft.tuners.prefix_tuning.config",
     PeftType.ADALORA: "fastpeft.tuners.adalora.config",
     PeftType.XLORA: "fastpeft.tuners.xlora.config",
+    PeftType.TRAINABLE_TOKENS: "fastpeft.tuners.trainable_tokens.config",
 }
 
 

@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .config import PeftConfig, TaskType
 from .training import _enable_input_require_grads
+from .tuners.lora.inits import adapter_weights_assigned_later
 
 __all__ = [
     "PeftModel",
@@ -56,6 +57,7 @@ _KNOWN_TUNERS = {
     "ADAPTION_PROMPT": ("fastpeft.tuners.adaption_prompt", "AdaptionPromptModel"),
     "BITFIT": ("fastpeft.tuners.bitfit", "BitFitModel"),
     "BOTTLENECK": ("fastpeft.tuners.bottleneck", "BottleneckModel"),
+    "TRAINABLE_TOKENS": ("fastpeft.tuners.trainable_tokens", "TrainableTokensModel"),
 }
 
 
@@ -845,6 +847,18 @@ class PeftModel(nn.Module):
 
     # ---- parameters ----------------------------------------------------------------------------------------------
 
+    def get_layer_status(self):
+        """The status of each adapter layer (``fastpeft.status.get_layer_status``, peft's fields)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapter status of the whole model (``fastpeft.status.get_model_status``, peft's fields)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(number of trainable parameters, number of all parameters), counted as peft does."""
         trainable, total = 0, 0
@@ -1075,13 +1089,14 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         task_type = _peft_type_str(config.task_type) if config.task_type is not None else None
         model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, cls) if task_type is not None else cls
-        peft_model = model_cls(
-            model,
-            config,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
+        with adapter_weights_assigned_later():  # the checkpoint's weights replace the init's
+            peft_model = model_cls(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         peft_model.load_adapter(
             model_id,
             adapter_name,
@@ -1120,12 +1135,13 @@ class PeftModel(nn.Module):
             if hasattr(peft_config, "runtime_config"):
                 peft_config.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
             peft_config.inference_mode = not is_trainable
-            self.add_adapter(
-                adapter_name,
-                peft_config,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-            )
+            with adapter_weights_assigned_later():  # the checkpoint's weights replace the init's
+                self.add_adapter(
+                    adapter_name,
+                    peft_config,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                )
             added = True
             if is_trainable:
                 self.set_requires_grad(adapter_name)

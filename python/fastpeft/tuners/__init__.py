@@ -10,6 +10,7 @@ from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .oft import OFTConfig, OFTModel
+from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .xlora import XLoraConfig, XLoraModel
 
 # peft_type -> tuner class (each method adds its entry here)
@@ -17,6 +18,7 @@ PEFT_TYPE_TO_TUNER_MAPPING = {
     "LORA": LoraModel, "LOHA": LoHaModel, "LOKR": LoKrModel, "OFT": OFTModel, "BOFT": BOFTModel,
     "IA3": IA3Model, "BITFIT": BitFitModel, "BOTTLENECK": BottleneckModel,
     "ADAPTION_PROMPT": AdaptionPromptModel, "ADALORA": AdaLoraModel, "XLORA": XLoraModel,
+    "TRAINABLE_TOKENS": TrainableTokensModel,
 }
 
 __all__ = [
@@ -24,5 +26,5 @@ __all__ = [
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "IA3Config", "IA3Model", "BitFitConfig", "BitFitModel", "BottleneckConfig", "BottleneckModel",
     "AdaptionPromptConfig", "AdaptionPromptModel", "AdaLoraConfig", "AdaLoraModel", "XLoraConfig", "XLoraModel",
-    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "TrainableTokensConfig", "TrainableTokensModel", "PEFT_TYPE_TO_TUNER_MAPPING",
 ]

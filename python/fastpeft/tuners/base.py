@@ -699,8 +699,10 @@ class BaseTuner(nn.Module, ABC):
             self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
 
         if not targeted:
+            from ..errors import NoMatchingPeftModuleError
+
             if excluded and not unmatched:
-                raise ValueError(
+                raise NoMatchingPeftModuleError(
                     "All modules were excluded. Check your `target_modules`, `exclude_modules` and "
                     "`modules_to_save` configuration."
                 )
@@ -718,7 +720,7 @@ class BaseTuner(nn.Module, ABC):
                 msg += f" Note: you specified layers_to_transform={peft_config.layers_to_transform}."
             if getattr(peft_config, "layers_pattern", None) is not None:
                 msg += f" You also specified layers_pattern={peft_config.layers_pattern}."
-            raise ValueError(msg)
+            raise NoMatchingPeftModuleError(msg)
         if getattr(peft_config, "exclude_modules", None) and not excluded:
             warnings.warn(
                 f"You have passed exclude_modules={peft_config.exclude_modules} but no modules were excluded. "
@@ -738,6 +740,11 @@ class BaseTuner(nn.Module, ABC):
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         set_modules_to_save(model, peft_config, adapter_name, activate=adapter_name in self.active_adapters)
+        if getattr(peft_config, "trainable_token_indices", None) is not None:  # e.g. LoRA + trainable tokens
+            from .trainable_tokens.wrapper import set_trainable_tokens
+
+            set_trainable_tokens(model, peft_config, adapter_name, activate=adapter_name in self.active_adapters,
+                                 model_config=self.get_model_config(model))
         for p, requires_grad in previous_requires_grad:
             p.requires_grad = requires_grad
 
@@ -847,7 +854,7 @@ class BaseTuner(nn.Module, ABC):
         for layer in self._tuner_layers():
             layer.set_requires_grad(names, requires_grad)
         for wrapper in self._aux_wrappers():
-            for key, module in wrapper.modules_to_save.items():
+            for key, module in getattr(wrapper, "modules_to_save", {}).items():  # (trainable tokens: a layer above)
                 if key in names:
                     _set_requires_grad(module, requires_grad)
 
@@ -911,7 +918,7 @@ class BaseTuner(nn.Module, ABC):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue  # under a module replaced earlier in this loop
-            if isinstance(target, ModulesToSaveWrapper):
+            if isinstance(target, AuxiliaryTrainingWrapper):  # modules_to_save, trainable tokens
                 new = target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
                 setattr(parent, target_name, new)
             elif isinstance(target, BaseTunerLayer):
