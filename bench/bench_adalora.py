@@ -10,8 +10,11 @@ randomised adapter weights are copied into fastpeft's and the eval losses compar
 steps are timed in alternation (`time_interleaved`).
 
 One table row group per dtype of `--dtypes` (option "adalora_dtypes"); bf16 = bf16 base, fp32 adapters (both
-libraries' default). peft's `ranknum`, which its bf16 autocast makes trainable (a peft bug), is frozen so that
-both train the same parameters. Target: fastpeft >= 1.2x peft.
+libraries' default). A second table times two parts of the step alone, on the same models: `update_and_allocate`
+(importance EMA + masking to the budget) and the orthogonality regulariser, forward + backward (each library's own
+code: the wrapped model's forward is replaced by one that returns a zero loss, so the tuner's forward returns
+orth_reg_weight * regulariser). peft's `ranknum`, which its bf16 autocast makes trainable (a peft bug), is frozen
+so that both train the same parameters. Target: fastpeft >= 1.2x peft.
 """
 from __future__ import annotations
 
@@ -95,7 +98,69 @@ def _make_step(model, ids):
     return step
 
 
-def _bench_dtype(ctx: BenchContext, res: SuiteResult, table: Table, shape: Dict[str, int], dtype, ids) -> None:
+def _part_fns(models, ids) -> Dict[str, Dict[str, Any]]:
+    """{part: {impl: callable}} for the parts table (gradients are populated first; the regulariser's callables
+    need `_zero_loss_forward` in place)."""
+    out: Dict[str, Dict[str, Any]] = {"update_and_allocate": {}, "orth regulariser fwd+bwd": {}}
+    for k in ("fastpeft", "peft"):
+        model = models[k]
+        tuner = model.base_model
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        counter = [1]
+
+        def alloc(tuner=tuner, counter=counter):
+            tuner.update_and_allocate(counter[0])
+            counter[0] += 1
+
+        def reg(tuner=tuner):
+            tuner().loss.backward()
+
+        out["update_and_allocate"][k] = alloc
+        out["orth regulariser fwd+bwd"][k] = reg
+    return out
+
+
+class _zero_loss_forward:
+    """Within the block, the wrapped models' forward returns only a zero loss (the tuner adds the regulariser)."""
+
+    def __init__(self, models):
+        self.inner = [m.base_model.model for m in models]
+
+    def __enter__(self):
+        import types
+
+        for m in self.inner:
+            m.forward = lambda *a, **k: types.SimpleNamespace(loss=torch.zeros(()))
+
+    def __exit__(self, *exc):
+        for m in self.inner:
+            del m.forward
+
+
+def _bench_parts(ctx: BenchContext, res: SuiteResult, table: Table, label: str, models, ids) -> None:
+    try:
+        parts = _part_fns(models, ids)
+        for part, fns in parts.items():
+            if part.startswith("orth"):
+                with _zero_loss_forward([models["peft"], models["fastpeft"]]):
+                    t = time_interleaved(fns, ctx.device, warmup=max(2, ctx.warmup), repeats=max(5, ctx.repeats),
+                                         min_sample_ms=ctx.min_sample_ms)
+            else:
+                t = time_interleaved(fns, ctx.device, warmup=max(2, ctx.warmup), repeats=max(5, ctx.repeats),
+                                     min_sample_ms=ctx.min_sample_ms)
+            row = table.add(dtype=label, part=part, **{"fastpeft ms": t.median("fastpeft"),
+                                                       "fastpeft iqr": t.iqr("fastpeft"),
+                                                       "peft ms": t.median("peft"), "peft iqr": t.iqr("peft"),
+                                                       "speedup": t.ratio("peft", "fastpeft")})
+            row["timing"] = t.summary()
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        res.errors.append(f"{label}: parts timing failed: {type(exc).__name__}: {exc}")
+
+
+def _bench_dtype(ctx: BenchContext, res: SuiteResult, table: Table, shape: Dict[str, int], dtype, ids,
+                 parts_table: Table) -> None:
     label = dtype_name(dtype)
     tokens = shape["batch"] * shape["seq"]
     try:
@@ -140,6 +205,7 @@ def _bench_dtype(ctx: BenchContext, res: SuiteResult, table: Table, shape: Dict[
             if mismatch:
                 row["error"] = mismatch
     res.ratios.append(Ratio(f"adalora {label}: train step fastpeft/peft", speed, SPEED_TARGET, "speedup"))
+    _bench_parts(ctx, res, parts_table, label, models, ids)
 
 
 @register("adalora")
@@ -164,9 +230,19 @@ def run(ctx: BenchContext) -> SuiteResult:
                "(importance EMA + masking to the cubic budget every step)",
                "bf16: the base in bf16, the adapters in fp32 (both libraries' autocast_adapter_dtype)"],
     )
+    parts_table = Table(
+        f"the same models: two parts of the AdaLoRA step alone, {ctx.device}",
+        ["dtype", "part", "fastpeft ms", "fastpeft iqr", "peft ms", "peft iqr", "speedup"],
+        notes=["update_and_allocate: importance EMA of every A, B, E + masking to the budget (deltaT=1: every "
+               "call), after a backward",
+               "orth regulariser fwd+bwd: the mean of ||A A^T - I||_F and ||B^T B - I||_F over every A and B, and "
+               "its backward (each library's own code)",
+               "speedup: median per-round peft_ms / fastpeft_ms (alternating calls)"],
+    )
     torch.manual_seed(5)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=ctx.device)
     for dtype in dtypes:
-        _bench_dtype(ctx, res, table, shape, dtype, ids)
+        _bench_dtype(ctx, res, table, shape, dtype, ids, parts_table)
     res.tables.append(table)
+    res.tables.append(parts_table)
     return res

@@ -536,6 +536,10 @@ def test_bench_suite_quick_tiny(tmp_path):
     assert {r.label for r in res.ratios} == {"adalora fp32: train step fastpeft/peft",
                                              "adalora bf16: train step fastpeft/peft"}
     assert all(r.target is not None and r.target.threshold == 1.2 for r in res.ratios)
+    parts = json.loads((tmp_path / "adalora-cpu.json").read_text())["tables"][1]["rows"]
+    assert {(r["dtype"], r["part"]) for r in parts} == {(d, p) for d in ("fp32", "bf16")
+                                                        for p in ("update_and_allocate", "orth regulariser fwd+bwd")}
+    assert all(r["fastpeft ms"] > 0 and r["peft ms"] > 0 and r["speedup"] > 0 for r in parts)
 
 
 def test_seq_cls_head_and_bias_checkpoint_both_ways(tmp_path):
@@ -563,3 +567,196 @@ def test_seq_cls_head_and_bias_checkpoint_both_ways(tmp_path):
     with torch.no_grad():
         close(expected, ours(**b).logits)
         close(expected, theirs(**b).logits)
+
+
+# ---- the flat rank allocator and the batched regulariser vs peft, on several layer shapes -----------------------
+
+
+def _tuner_pair(case):
+    """(peft AdaLoraModel, fastpeft AdaLoraModel) with identical random adapters, for `case`:
+    gpt2 = Conv1D (fan_in_fan_out) of three shapes; net = Linear and Conv2d; resized = Llama whose layers were
+    resized by a rank_pattern to mixed ranks (one layer to 0) before training."""
+    kw = dict(init_r=5, target_r=2, tinit=2, tfinal=3, total_step=14, deltaT=1, lora_alpha=8)
+    if case == "gpt2":
+        kw["target_modules"] = ["c_attn", "c_proj", "c_fc"]
+        pm, fm = _peft_pair(kw, tiny_gpt2())
+        tp, tf = pm.base_model, fm.base_model
+        assert tf.model.transformer.h[0].mlp.c_fc.fan_in_fan_out
+    elif case == "net":
+        kw["target_modules"] = ["lin", "conv", "head"]
+        tp, tf = seeded_pair(peft.tuners.AdaLoraModel, peft.AdaLoraConfig(**kw), AdaLoraModel, AdaLoraConfig(**kw),
+                             Net())
+        assert isinstance(tf.model.conv, SVDConv2d)
+    else:
+        kw["target_modules"] = LLAMA_TARGETS
+        pm, fm = _peft_pair(kw, tiny_llama())
+        tp, tf = pm.base_model, fm.base_model
+        pattern = {}
+        for i, (name, _) in enumerate((n, m) for n, m in tf.model.named_modules() if isinstance(m, SVDLinear)):
+            keep = [True] * 5
+            if i % 3 == 1:
+                keep[i % 5] = False
+            if i % 5 == 4:
+                keep[:3] = [False] * 3
+            if i == 6:
+                keep = [False] * 5
+            pattern[f"{name}.lora_E"] = keep
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in (tp, tf):
+                torch.manual_seed(0)
+                t.resize_modules_by_rank_pattern(pattern, "default")
+        ranks = {m.lora_A["default"].shape[0] for m in tf.model.modules() if isinstance(m, SVDLinear)}
+        assert {0, 2, 4, 5} <= ranks
+    _randomize(tp, tf)
+    return tp, tf
+
+
+@pytest.mark.parametrize("piece", [None, 37], ids=["whole", "pieces"])
+@pytest.mark.parametrize("case", ["gpt2", "net", "resized"])
+def test_flat_allocator_state_masks_and_rank_pattern_equal_peft(case, piece, monkeypatch):
+    """Same weights and gradients every step through warm-up, budget phase, final allocation and final
+    fine-tuning: peft's ipt / exp_avg_ipt / exp_avg_unc (to the bit), the masked E, the rank_pattern. Mid-run,
+    an entry of the state is replaced (both then use it) and, later, the state is reset (both restart at 0).
+    "pieces": the CPU split of the flat ops (below ATen's parallel grain) made tiny, so that it is exercised."""
+    from fastpeft.tuners.adalora import model as adalora_model
+
+    if piece is not None:
+        monkeypatch.setattr(adalora_model, "_CPU_SERIAL_ELEMS", piece)
+    tp, tf = _tuner_pair(case)
+    pp, pf = dict(tp.named_parameters()), dict(tf.named_parameters())
+    assert list(pp) == list(pf)
+    g = torch.Generator().manual_seed(3)
+    total = tf.peft_config["default"].total_step
+    masked_seen = final_seen = False
+    for step in range(total + 3):
+        with torch.no_grad():
+            for n, p in pp.items():
+                if p.requires_grad:
+                    grad = torch.randn(p.shape, generator=g)
+                    p.grad, pf[n].grad = grad.clone(), grad.clone()
+                    p.add_(grad, alpha=-1e-3)
+                    pf[n].add_(grad, alpha=-1e-3)
+        tp.update_and_allocate(step)
+        tf.update_and_allocate(step)
+        ap, af = tp.rankallocator, tf.rankallocator
+        if step < total - tf.peft_config["default"].tfinal:
+            assert af._flat is not None  # the flat path ran (not the per-tensor fallback)
+            assert (len(af._flat.pieces) > 1) == (piece is not None)
+        assert sorted(ap.exp_avg_ipt) == sorted(af.exp_avg_ipt), step
+        for d in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            for n, v in getattr(ap, d).items():
+                assert torch.equal(v, getattr(af, d)[n]), (step, d, n)
+        for n, p in pp.items():
+            assert torch.equal(p, pf[n]), (step, n)
+        rp, rf = tp.peft_config["default"].rank_pattern, tf.peft_config["default"].rank_pattern
+        assert rp == rf, step
+        masked_seen |= rp is not None and not all(all(v) for v in rp.values())
+        final_seen |= step > total - tf.peft_config["default"].tfinal
+        if step == 4:  # someone edits the state: both continue from the edited value
+            name = sorted(af.exp_avg_unc)[1]
+            for a in (ap, af):
+                a.exp_avg_unc[name] = a.exp_avg_unc[name] * 2
+        if step == 7:
+            ap.reset_ipt()
+            af.reset_ipt()
+    assert masked_seen and final_seen
+    kept = sum(sum(v) for v in tf.peft_config["default"].rank_pattern.values())
+    if case != "resized":  # (peft's budget counts the triplets before the resize)
+        assert kept == tf.rankallocator.target_bgt
+
+
+def _loss_only_regulariser(tuner):
+    """Make the wrapped model's forward return only a zero loss: the tuner's forward then returns
+    orth_reg_weight * regulariser, peft's and ours alike."""
+    import types
+
+    tuner.model.forward = lambda *a, **k: types.SimpleNamespace(loss=torch.zeros(()))
+
+
+@pytest.mark.parametrize("case", ["gpt2", "net", "resized"])
+def test_orth_regulariser_value_and_gradients_equal_peft(case):
+    tp, tf = _tuner_pair(case)
+    for t in (tp, tf):
+        _loss_only_regulariser(t)
+    lp, lf = tp().loss, tf().loss
+    assert lp.item() > 0
+    close(lp, lf, tol=1e-6)
+    lp.backward()
+    lf.backward()
+    pf = dict(tf.named_parameters())
+    n_grads = 0
+    for n, p in tp.named_parameters():
+        if "lora_A" in n or "lora_B" in n:
+            assert pf[n].grad is not None and pf[n].grad.shape == p.shape, n
+            close(p.grad, pf[n].grad, tol=1e-5)
+            n_grads += 1
+        elif "lora_E" in n:
+            assert p.grad is None and pf[n].grad is None
+    assert n_grads > 0
+    # two forwards before one backward (the second overwrites the stacked workspace): gradients add up
+    for t in (tp, tf):
+        t.zero_grad()
+    (tp().loss + 3 * tp().loss).backward()
+    (tf().loss + 3 * tf().loss).backward()
+    for n, p in tp.named_parameters():
+        if p.grad is not None:
+            close(p.grad, pf[n].grad, tol=1e-5)
+
+
+def test_orth_regulariser_in_the_llama_loss_and_zero_weight():
+    """The regulariser in a real forward with labels (Llama, orth_reg_weight 0.5 and 0) equals peft's."""
+    for weight in (0.5, 0.0):
+        kw = dict(KW, orth_reg_weight=weight)
+        pm, fm = _peft_pair(kw, tiny_llama())
+        _randomize(pm, fm)
+        b = _batch()
+        lp, lf = pm(**b).loss, fm(**b).loss
+        close(lp, lf, tol=1e-5)
+        lp.backward()
+        lf.backward()
+        for (n, p), (_, q) in zip(pm.named_parameters(), fm.named_parameters()):
+            if p.grad is not None:
+                close(p.grad, q.grad, tol=1e-4)
+
+
+def test_allocator_mixed_dtypes_takes_the_generic_path_equal_peft():
+    """Adapters in two dtypes (one layer in float64): the per-tensor path, still peft's values to the bit."""
+    tp, tf = _tuner_pair("net")
+    for t in (tp, tf):
+        t.model.lin.double()
+    pp, pf = dict(tp.named_parameters()), dict(tf.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    for step in range(tf.peft_config["default"].total_step + 2):
+        with torch.no_grad():
+            for n, p in pp.items():
+                if p.requires_grad:
+                    grad = torch.randn(p.shape, generator=g).to(p.dtype)
+                    p.grad, pf[n].grad = grad.clone(), grad.clone()
+                    p.add_(grad, alpha=-1e-3)
+                    pf[n].add_(grad, alpha=-1e-3)
+        tp.update_and_allocate(step)
+        tf.update_and_allocate(step)
+        assert tf.rankallocator._flat is None
+        for n, p in pp.items():
+            assert torch.equal(p, pf[n]), (step, n)
+        for n, v in tp.rankallocator.exp_avg_unc.items():
+            assert torch.equal(v, tf.rankallocator.exp_avg_unc[n]), (step, n)
+        assert tp.peft_config["default"].rank_pattern == tf.peft_config["default"].rank_pattern, step
+
+
+def test_orth_regulariser_under_autocast_equal_peft():
+    """Under CPU bf16 autocast (Gram matrices in bf16, the matrices fp32): peft's value and gradients."""
+    tp, tf = _tuner_pair("gpt2")
+    for t in (tp, tf):
+        _loss_only_regulariser(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, lf = tp().loss, tf().loss
+    close(lp.float(), lf.float(), tol=2e-2)
+    lp.backward()
+    lf.backward()
+    pf = dict(tf.named_parameters())
+    for n, p in tp.named_parameters():
+        if p.grad is not None:
+            assert pf[n].grad.dtype == p.grad.dtype == torch.float32
+            close(p.grad, pf[n].grad, tol=5e-2)

@@ -9,8 +9,10 @@ Training loop (as in peft)::
     optimizer.zero_grad()
 
 The rank allocator keeps peft's per-parameter state (`ipt`, `exp_avg_ipt`, `exp_avg_unc`, keyed by parameter
-name) and makes the same decisions step for step; its updates run as foreach ops over all adapter tensors and
-its scoring / masking as a few ops per layer, with one host sync per allocation.
+name: views of flat buffers) and makes the same decisions step for step, to the bit; its update runs as a few
+whole-buffer ops (plus one cat per group of same-shaped tensors to gather the weights and gradients), its scoring
+as one batched mean per group, with one host sync per allocation (the rank_pattern). The orthogonality
+regulariser is one autograd function (`_OrthReg`): a batched Gram product per group, its gradient written out.
 """
 from __future__ import annotations
 
@@ -119,6 +121,149 @@ def resize_modules_by_rank_pattern(root: nn.Module, rank_pattern: dict, adapter_
             )
 
 
+class _ViewDict(dict):
+    """A dict that notes any change made to it (the allocator's dicts hold views of its flat buffers; once
+    someone changes an entry, the flat state is rebuilt from the dict's values)."""
+
+    dirty = False
+
+    def _touch(name):
+        def method(self, *args, **kwargs):
+            self.dirty = True
+            return getattr(dict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "setdefault", "update", "clear", "__ior__"):
+        locals()[_name] = _touch(_name)
+    del _name, _touch
+
+
+# ATen runs an elementwise op or reduction on the OpenMP pool only from this many elements on (GRAIN_SIZE)
+_CPU_SERIAL_ELEMS = 32767
+
+
+class _FlatIpt:
+    """The allocator's importance state (peft's `ipt`, `exp_avg_ipt`, `exp_avg_unc`) in flat buffers, one
+    element per adapter weight, ordered by segments of same-shaped tensors (all A of one shape, ...), with
+    peft's per-name dicts holding views into them. The EMA update is a handful of whole-buffer ops (peft's
+    formulas op for op, so the same values to the bit) instead of ~10 ops per parameter, and the triplet scores
+    a batched mean per segment.
+
+    On CPU every op is issued on pieces below ATen's parallel grain, so that none wakes the OpenMP pool: the
+    allocator runs after the optimizer's many small serial ops, when the pool's threads are asleep, and waking
+    them costs more than the work (milliseconds per op when the machine is loaded). On other devices one op
+    covers the whole buffer."""
+
+    def __init__(self, names: list, params: list, sig: list, layer_sizes: list, old: tuple):
+        first = params[0]
+        self.params, self.sig, self.names, self.layer_sizes = params, sig, names, layer_sizes
+        device, dtype = first.device, first.dtype
+        piece = _CPU_SERIAL_ELEMS if device.type == "cpu" else None
+        # segments: (kind, shape) -> [param index]; kind 0 = A (mean over rows), 1 = B (over columns), 2 = E
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((i % 3, tuple(p.shape)), []).append(i)
+        total = sum(p.numel() for p in params)
+        self.P = torch.empty(total, device=device, dtype=dtype)
+        self.G = torch.empty(total, device=device, dtype=dtype)  # gradients, then a workspace, then the scores
+        self.ipt, self.avg, self.unc = (torch.zeros(total, device=device, dtype=dtype) for _ in range(3))
+        n_trip = sum(layer_sizes)
+        self.n_trip = n_trip
+        self.score_ab = torch.empty(2 * n_trip, device=device, dtype=dtype)
+        views = [{}, {}, {}]
+        self.cats = []       # (param indices, P view, G view): the gather, one cat per segment
+        self.means = []      # (G view [n, rows, cols], dim, score_ab view [n, r]): the A / B scores
+        e_views = []         # G views of the E segments, in segment order
+        offset, tri = 0, [0, 0, 0]
+        order = [[], [], []]  # per kind: module-order triplet index of each segment-order position
+        layer_start = [0]
+        for s in layer_sizes:
+            layer_start.append(layer_start[-1] + s)
+        for (kind, shape), idx in groups.items():
+            each = params[idx[0]].numel()
+            numel = len(idx) * each
+            rows = (len(idx) * shape[0],) + shape[1:]
+            flat = slice(offset, offset + numel)
+            self.cats.append((idx, self.P[flat].view(rows), self.G[flat].view(rows)))
+            r = shape[1] if kind == 1 else shape[0]
+            if kind == 2:
+                e_views.append(self.G[offset : offset + numel])
+            elif r > 0 and each > 0:
+                step = len(idx) if piece is None else max(1, piece // each)
+                for j in range(0, len(idx), step):
+                    nb = min(step, len(idx) - j)
+                    src = self.G[offset + j * each : offset + (j + nb) * each].view(nb, shape[0], shape[1])
+                    t0 = kind * n_trip + tri[kind] + j * r
+                    self.means.append((src, 2 if kind == 0 else 1, self.score_ab[t0 : t0 + nb * r].view(nb, r)))
+            tri[kind] += len(idx) * r
+            o = offset
+            for i in idx:
+                name, p = names[i], params[i]
+                keep_old = all(isinstance(s_.get(name), torch.Tensor) and s_[name].shape == p.shape for s_ in old)
+                for d, buf, src in zip(views, (self.ipt, self.avg, self.unc), old):
+                    v = buf[o : o + each].view(p.shape)
+                    if keep_old:
+                        v.copy_(src[name])
+                    d[name] = v
+                o += each
+                layer = i // 3
+                order[kind].extend(range(layer_start[layer], layer_start[layer] + r))
+            offset += numel
+        if tri[0] != n_trip or tri[1] != n_trip or tri[2] != n_trip:
+            raise RuntimeError("AdaLoRA layer shapes are inconsistent (A rows, B columns and E must match)")
+        self.views = views
+        # the elementwise passes: whole buffers, or pieces below the parallel grain on CPU
+        bufs = (self.P, self.G, self.ipt, self.avg, self.unc)
+        step = total if piece is None else piece
+        self.pieces = [tuple(b[s : s + step] for b in bufs) for s in range(0, total, step)]
+        self.e_scores = e_views[0] if len(e_views) == 1 else None
+        self.e_views = e_views
+        # segment order -> module order of the triplets: scores[t] = buffer[inverse[t]]
+        inv = [torch.empty(n_trip, dtype=torch.long) for _ in range(3)]
+        for kind in range(3):
+            inv[kind][torch.tensor(order[kind], dtype=torch.long)] = torch.arange(n_trip)
+        ident = torch.arange(n_trip)
+        self.perm_ab = self.perm_e = None
+        if not (torch.equal(inv[0], ident) and torch.equal(inv[1], ident)):
+            self.perm_ab = torch.cat([inv[0], inv[1] + n_trip]).to(device)
+        if not torch.equal(inv[2], ident):
+            self.perm_e = inv[2].to(device)
+        self._scored = None  # (avg, unc versions) when G holds avg * unc
+
+    def update(self, grads: list, beta1: float, beta2: float) -> None:
+        """peft's update_ipt on the flat buffers (then G = avg * unc, the element scores)."""
+        params = self.params
+        for idx, p_out, g_out in self.cats:
+            torch.cat([params[i] for i in idx], out=p_out)  # (under no_grad)
+            torch.cat([grads[i] for i in idx], out=g_out)
+        c1, c2 = 1 - beta1, 1 - beta2
+        for P, G, ipt, avg, unc in self.pieces:
+            torch.mul(P, G, out=ipt).abs_()                  # ipt = |p * grad|
+            torch.mul(ipt, c1, out=G)
+            avg.mul_(beta1).add_(G)                          # b1 * avg + (1 - b1) * ipt
+            torch.sub(ipt, avg, out=G).abs_().mul_(c2)
+            unc.mul_(beta2).add_(G)                          # b2 * unc + (1 - b2) * |ipt - avg|
+            torch.mul(avg, unc, out=G)                       # peft's _element_score
+        self._scored = (self.avg._version, self.unc._version)
+
+    def triplet_scores(self) -> torch.Tensor:
+        """peft's per-triplet score, in module order: s_E + (mean_row(s_A) + mean_col(s_B)), s = avg * unc."""
+        if self._scored != (self.avg._version, self.unc._version):
+            for _, G, _, avg, unc in self.pieces:
+                torch.mul(avg, unc, out=G)
+            self._scored = (self.avg._version, self.unc._version)
+        for src, dim, out in self.means:
+            torch.mean(src, dim=dim, out=out)
+        n = self.n_trip
+        s_e = self.e_scores if self.e_scores is not None else torch.cat(self.e_views)
+        if self.perm_e is not None:
+            s_e = s_e.index_select(0, self.perm_e)
+        ab = self.score_ab
+        pair = (ab if self.perm_ab is None else ab.index_select(0, self.perm_ab)).view(2, n)
+        return torch.add(pair[0], pair[1]).add_(s_e)
+
+
 class RankAllocator:
     """AdaLoRA's budget allocation (peft's `RankAllocator`): importance = EMA of |p * grad| times the EMA of its
     deviation, per element; a triplet's score = E's + mean over A's row + mean over B's column; the lowest scoring
@@ -138,6 +283,8 @@ class RankAllocator:
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must lie in (0, 1), got {self.beta1}, {self.beta2}")
         self._mask_cache: Optional[tuple] = None
+        self._names_cache: Optional[tuple] = None
+        self._flat: Optional[_FlatIpt] = None
         self.reset_ipt()
         self._set_budget_scheduler(model)
 
@@ -145,6 +292,7 @@ class RankAllocator:
         self.peft_config.total_step = total_step
 
     def reset_ipt(self) -> None:
+        self._flat = None
         self.ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
@@ -178,16 +326,79 @@ class RankAllocator:
             out += [(f"{name}.lora_A.{a}", A), (f"{name}.lora_B.{a}", B), (f"{name}.lora_E.{a}", E)]
         return out
 
+    def _adapter_params(self, model: nn.Module):
+        """(names, [A, B, E of each layer in module order]) of the adapter (the layers' ParameterDicts are
+        cached with the layer list: no module attribute lookups per step)."""
+        a = self.adapter_name
+        layers = _adalora_layers(model, a)
+        cache = self._names_cache
+        if cache is None or cache[0] is not layers:
+            names, dicts, slots = [], [], []
+            for name, layer in layers:
+                names += [f"{name}.lora_A.{a}", f"{name}.lora_B.{a}", f"{name}.lora_E.{a}"]
+                for kind in ("lora_A", "lora_B", "lora_E"):
+                    dicts.append(getattr(layer, kind))
+                    slots.append((layer._modules, kind))
+            cache = self._names_cache = (layers, names, dicts, [d._parameters for d in dicts], slots)
+        params = [d.get(a) for d in cache[3]]
+        if any(p is None for p in params) or not all(mods.get(k) is d for (mods, k), d in zip(cache[4], cache[2])):
+            params = [t for _, A, B, E in self._triplets(model) for t in (A, B, E)]
+        return cache[1], params
+
+    def _flat_state(self, model: nn.Module, create: bool) -> Optional[_FlatIpt]:
+        """The flat importance state if it matches the adapter's parameters and peft's dicts still hold its views
+        (created, from the dicts' values, when `create`); None where the generic path must run (no layers,
+        parameters on several devices / dtypes, or state the dicts no longer mirror)."""
+        names, params = self._adapter_params(model)
+        if not params:
+            return None
+        sig = [(p.dtype, p.device, p.shape) for p in params]
+        st = self._flat
+        if (st is not None and len(st.params) == len(params) and all(map(operator.is_, st.params, params))
+                and st.sig == sig and st.names == names):
+            dicts = (self.ipt, self.exp_avg_ipt, self.exp_avg_unc)
+            if all(d is v and not d.dirty for d, v in zip(dicts, st.dicts)):
+                return st
+        if not create:
+            return None
+        if len({(d, t) for t, d, _ in sig}) != 1:
+            return None
+        sizes = [params[i].shape[0] for i in range(0, len(params), 3)]
+        try:
+            st = _FlatIpt(names, params, sig, sizes, (self.ipt, self.exp_avg_ipt, self.exp_avg_unc))
+        except RuntimeError:
+            return None
+        st.dicts = tuple(_ViewDict({**old, **new}) for old, new in
+                         zip((self.ipt, self.exp_avg_ipt, self.exp_avg_unc), st.views))
+        self.ipt, self.exp_avg_ipt, self.exp_avg_unc = st.dicts
+        self._flat = st
+        return st
+
+    @staticmethod
+    def _missing_grads(names: list, missing: list) -> RuntimeError:
+        return RuntimeError(
+            f"update_and_allocate needs the gradients of the AdaLoRA weights, but {len(missing)} have none "
+            f"(e.g. {missing[0]!r}): call it after loss.backward() (and optimizer.step()) and before "
+            "optimizer.zero_grad()"
+        )
+
     def update_ipt(self, model: nn.Module) -> None:
-        """Update the sensitivity (|p * grad|), its EMA and the EMA of its uncertainty for every A, B, E."""
+        """Update the sensitivity (|p * grad|), its EMA and the EMA of its uncertainty for every A, B, E
+        (peft's formulas, op for op: the same values to the bit)."""
+        st = self._flat_state(model, create=True)
+        if st is None:
+            return self._update_ipt_generic(model)
+        grads = [p.grad for p in st.params]
+        if any(g is None for g in grads):
+            raise self._missing_grads(st.names, [n for n, g in zip(st.names, grads) if g is None])
+        with torch.no_grad():
+            st.update(grads, self.beta1, self.beta2)
+
+    def _update_ipt_generic(self, model: nn.Module) -> None:
         named = self._named_params(model)
         missing = [n for n, p in named if p.grad is None]
         if missing:
-            raise RuntimeError(
-                f"update_and_allocate needs the gradients of the AdaLoRA weights, but {len(missing)} have none "
-                f"(e.g. {missing[0]!r}): call it after loss.backward() (and optimizer.step()) and before "
-                "optimizer.zero_grad()"
-            )
+            raise self._missing_grads([n for n, _ in named], missing)
         for n, p in named:
             if n not in self.ipt or self.ipt[n].shape != p.shape:
                 self.ipt[n] = torch.zeros_like(p)
@@ -212,7 +423,31 @@ class RankAllocator:
 
     def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
         """Mask (E = 0) the lowest scoring triplets so that `budget` remain; returns the rank_pattern
-        (`<module>.lora_E.<adapter>` -> kept flags)."""
+        (`<module>.lora_E.<adapter>` -> kept flags). One host sync (the rank_pattern's lists)."""
+        st = self._flat_state(model, create=False)
+        if st is None:
+            return self._mask_to_budget_generic(model, budget)
+        with torch.no_grad():
+            scores = st.triplet_scores()
+            k = self.init_bgt - budget
+            if k <= 0 or scores.numel() == 0:  # nothing to prune (peft's kthvalue would fail on k=0)
+                kept = [True] * scores.numel()
+                masked = None
+            else:
+                threshold = torch.kthvalue(scores, k=min(k, scores.numel()))[0]
+                masked = scores <= threshold
+                kept = (~masked).tolist()
+            rank_pattern, start = {}, 0
+            parts = masked.view(-1, 1).split(st.layer_sizes) if masked is not None else None
+            for i, size in enumerate(st.layer_sizes):
+                keep = kept[start : start + size]
+                rank_pattern[st.names[3 * i + 2]] = keep
+                if parts is not None and not all(keep):
+                    st.params[3 * i + 2].masked_fill_(parts[i], 0.0)
+                start += size
+        return rank_pattern
+
+    def _mask_to_budget_generic(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
         a = self.adapter_name
         triplets = self._triplets(model)
         names, scores, sizes = [], [], []
@@ -268,11 +503,93 @@ class RankAllocator:
                     continue  # the layer was resized to the kept triplets (a loaded pruned checkpoint)
                 if pruned.numel() != E.shape[0]:
                     raise ValueError(f"rank_pattern[{key!r}] has {pruned.numel()} entries, the layer {E.shape[0]}")
+                if isinstance(value, (list, tuple)) and all(value):
+                    continue  # nothing pruned in this layer
                 masks.append((layer, pruned.view(-1, 1)))
             cache = self._mask_cache = (rank_pattern, model, masks, _LAYER_GENERATION[0])
         with torch.no_grad():
             for layer, pruned in cache[2]:
                 layer.lora_E[a].masked_fill_(pruned, 0.0)
+
+
+class _OrthRegPlan:
+    """The regulariser's groups for one list of A / B matrices: (kind, indices, workspace) per (kind, shape,
+    dtype, device); the workspace holds the stacked matrices between forward and backward (`token` tells
+    whether a later forward overwrote it)."""
+
+    def __init__(self, mats: list):
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(mats):
+            groups.setdefault((i % 2, tuple(m.shape), m.dtype, m.device), []).append(i)
+        self.sig = [(m.dtype, m.device, m.shape) for m in mats]
+        self.count = len(mats)
+        self.groups = []
+        for (kind, shape, dtype, device), idx in groups.items():
+            if shape[1 - kind] == 0:  # r == 0: no matrix, no term (peft's empty norm is 0)
+                continue
+            ws = torch.empty((len(idx),) + shape, dtype=dtype, device=device)
+            self.groups.append([kind, idx, ws, None])
+
+
+def _orth_reg_plan(mats: list, cache: dict) -> Optional[_OrthRegPlan]:
+    plan = cache.get("plan")
+    if plan is None or len(plan.sig) != len(mats) or plan.sig != [(m.dtype, m.device, m.shape) for m in mats]:
+        plan = cache["plan"] = _OrthRegPlan(mats)
+    return plan if plan.groups or plan.count else None
+
+
+class _OrthReg(torch.autograd.Function):
+    """sum_i ||P_i - I||_F / n over n matrices, P = A A^T (lora_A, even positions) or B^T B (lora_B, odd).
+
+    Forward per group of same-shaped matrices: stack, one bmm for the Gram matrices, the identity subtracted on
+    their diagonals, one batched norm. Backward: d/dX ||X X^T - I|| = 2 (X X^T - I) X / ||.|| (a zero norm gives
+    a zero gradient, as torch.norm's backward), one bmm per group; the gradients are slices of it."""
+
+    @staticmethod
+    def forward(ctx, plan: _OrthRegPlan, *mats):
+        norms, grams, tokens = [], [], []
+        for group in plan.groups:
+            kind, idx, ws, _ = group
+            x = torch.stack([mats[i] for i in idx], out=ws)
+            gram = torch.bmm(x, x.transpose(1, 2)) if kind == 0 else torch.bmm(x.transpose(1, 2), x)
+            gram.diagonal(dim1=1, dim2=2).sub_(1)
+            norms.append(torch.linalg.vector_norm(gram.flatten(1), dim=1))
+            grams.append(gram)
+            token = group[3] = object()
+            tokens.append(token)
+        ctx.plan, ctx.tokens = plan, tokens
+        if not norms:
+            ctx.save_for_backward(*mats)
+            return mats[0].new_zeros(())
+        norms = norms[0] if len(norms) == 1 else torch.cat(norms)
+        ctx.save_for_backward(*mats, *grams, norms)
+        return norms.sum() / plan.count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        saved = ctx.saved_tensors
+        n_groups = len(plan.groups)
+        n_mats = len(saved) - (n_groups + 1 if n_groups else 0)
+        mats = saved[:n_mats]
+        grads = [None] * n_mats
+        if not n_groups:
+            return (None, *grads)
+        grams, norms = saved[n_mats : n_mats + n_groups], saved[-1]
+        # d/dP ||P - I||_F = (P - I) / ||P - I||_F, zero where the norm is 0 (torch.norm's backward)
+        coef = torch.where(norms == 0, 0.0, (grad_out * (2.0 / plan.count)) / norms)
+        start = 0
+        for group, token, gram in zip(plan.groups, ctx.tokens, grams):
+            kind, idx, ws, current = group
+            x = ws if current is token else torch.stack([mats[i] for i in idx])
+            # (under autocast the forward's Gram matrices may be in a lower precision than x)
+            w = gram.to(x.dtype) * coef[start : start + len(idx)].view(-1, 1, 1).to(x.dtype)
+            start += len(idx)
+            g = torch.bmm(w, x) if kind == 0 else torch.bmm(x, w)
+            for i, gi in zip(idx, g.unbind(0)):
+                grads[i] = gi
+        return (None, *grads)
 
 
 class AdaLoraModel(LoraModel):
@@ -365,33 +682,25 @@ class AdaLoraModel(LoraModel):
     # ---- training ----
 
     def _orth_reg_loss(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """mean over the adapter's A and B of ||A A^T - I||_F / ||B^T B - I||_F (peft's regulariser); the
-        matrices of one shape are handled in one batched product."""
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        count = 0
-        for _, layer in _adalora_layers(self.model, adapter_name):
-            A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-            groups.setdefault(("A",) + tuple(A.shape) + (A.dtype, A.device), []).append(A)
-            groups.setdefault(("B",) + tuple(B.shape) + (B.dtype, B.device), []).append(B)
-            count += 2
-        if count == 0:
+        """mean over the adapter's A and B of ||A A^T - I||_F / ||B^T B - I||_F (peft's regulariser), with its
+        gradient written out (`_OrthReg`): a few batched ops per group of same-shaped matrices."""
+        layers = _adalora_layers(self.model, adapter_name)
+        cache = self.__dict__.get("_orth_reg_cache")
+        if cache is None or cache[0] is not layers or cache[1] != adapter_name:
+            slots = []
+            for _, layer in layers:
+                slots += [layer.lora_A._parameters, layer.lora_B._parameters]
+            cache = (layers, adapter_name, slots, {})
+            self.__dict__["_orth_reg_cache"] = cache
+        mats = [d.get(adapter_name) for d in cache[2]]
+        if any(m is None for m in mats):  # not a plain ParameterDict entry
+            mats = [t for _, layer in layers for t in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])]
+        if not mats:
             return None
-        total = None
-        for key, mats in groups.items():
-            stacked = torch.stack(mats)  # [n, r, in] (A) or [n, out, r] (B)
-            if key[0] == "A":
-                cov = torch.bmm(stacked, stacked.transpose(1, 2))
-            else:
-                cov = torch.bmm(stacked.transpose(1, 2), stacked)
-            r = cov.shape[-1]
-            if r == 0:
-                continue
-            eye = torch.eye(r, dtype=cov.dtype, device=cov.device)
-            norms = torch.linalg.vector_norm((cov - eye).flatten(1), dim=1).sum()
-            total = norms if total is None else total + norms
-        if total is None:
+        plan = _orth_reg_plan(mats, cache[3])
+        if plan is None:
             return None
-        return total / count
+        return _OrthReg.apply(plan, *mats)
 
     def forward(self, *args, **kwargs):
         outputs = self.model(*args, **kwargs)
