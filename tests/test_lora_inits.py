@@ -527,19 +527,6 @@ def test_lora_ga_cache_and_errors(tmp_path):
         fastpeft.get_peft_model(copy.deepcopy(base), cfg)
 
 
-def test_readme_inits_example_runs(tmp_path, monkeypatch):
-    from test_readme import _code_under
-
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    ns: dict = {}
-    exec(compile(_code_under("## Data-driven and other LoRA inits"), "README.md:inits", "exec"), ns)
-    assert ns["model"].peft_config["default"].init_lora_weights == "corda"
-    assert (tmp_path / "corda-adapter" / "adapter_model.safetensors").is_file()
-    assert ns["reloaded"].peft_config["default"].corda_config["corda_method"] == "kpm"
-    # (the block itself asserts that the reloaded model reproduces the adapted model's logits)
-
-
 def test_weighted_combination_of_loaded_corda_adapters(tmp_path):
     """Combining adapters creates one with the first's config; a CorDA init must not run (or fail) there."""
     pm, residual = peft_trained_adapter("corda", tmp_path / "peft")

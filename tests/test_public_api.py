@@ -493,22 +493,6 @@ def test_auto_peft_model_hub_id_goes_through_huggingface_hub(llama_dir, tmp_path
     _assert_same_outputs(theirs, ours, inputs())
 
 
-# ---- README -----------------------------------------------------------------------------------------------------------
-
-
-def test_readme_auto_peft_model_example_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    section = readme.read_text().split("### Loading with AutoPeftModel", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    ns: dict = {}
-    exec(compile(code, "README.md:auto-peft-model", "exec"), ns)
-    assert type(ns["model"]) is fastpeft.PeftModelForCausalLM
-
-
 @pytest.mark.parametrize("name", ["/nonexistent/adapter-dir", "no-such-adapter-xyz"])
 def test_auto_peft_model_missing_adapter_raises_value_error_as_peft(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -360,20 +360,6 @@ def test_config_round_trip_and_registry(tmp_path):
     assert fastpeft.PEFT_TYPE_TO_TUNER_MAPPING["TRAINABLE_TOKENS"] is fastpeft.TrainableTokensModel
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme.split("## Trainable tokens", 1)[1], re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    ns: dict = {}
-    exec(compile(code, "README.md:trainable-tokens", "exec"), ns)
-    assert (tmp_path / "my-tokens" / "adapter_model.safetensors").is_file()
-    assert ns["plain"].lm_head.weight is ns["plain"].model.embed_tokens.weight
-
-
 # ---- embedding variants on a small custom model (no transformers config: no tying) -----------------------------
 
 

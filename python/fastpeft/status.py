@@ -100,6 +100,13 @@ def _tuner_of(model: nn.Module, what: str) -> nn.Module:
     return base_model
 
 
+def _module_type(module: nn.Module) -> str:
+    """peft's `module_type`: the layer's repr up to "(" (e.g. "lora.Linear"); a layer whose repr carries a prefix
+    that peft's does not (IA3: "ia3.Linear", peft "Linear") names its peft type as `peft_module_type`."""
+    own = getattr(type(module), "peft_module_type", None)  # the class's own: not one forwarded from a wrapped layer
+    return own.__get__(module) if isinstance(own, property) else repr(module).partition("(")[0]
+
+
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of each adapter layer (and modules_to_save wrapper) of ``model``, as peft's ``get_layer_status``.
 
@@ -142,7 +149,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         layer_status.append(
             TunerLayerStatus(
                 name=name,
-                module_type=repr(module).partition("(")[0],
+                module_type=_module_type(module),
                 enabled=not module.disable_adapters,
                 active_adapters=module.active_adapters,
                 merged_adapters=getattr(module, "merged_adapters", []),

@@ -107,6 +107,20 @@ class _ExcludedModule:
         return False
 
 
+def _is_tied_target(config: PeftConfig, key: str) -> bool:
+    """Whether `key` is a layer tied to the input embedding that gets its adapter from the embedding's
+    (`ensure_weight_tying`; peft's `_check_tied_module_exists`)."""
+    to_tie = getattr(config, "target_modules_to_tie", None) or ()
+    return key in to_tie or any(key.endswith(f".{name}") for name in to_tie)
+
+
+_WARN_TIED_NOT_TIED = (
+    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but {why}. This can lead to "
+    "complications, for example when merging the adapter or converting your model to formats other than "
+    "safetensors. Check the discussion here: https://github.com/huggingface/peft/issues/2777"
+)
+
+
 def check_target_module_exists(config: PeftConfig, key: str) -> Union[bool, re.Match, _ExcludedModule, None]:
     """Whether the module named `key` is targeted by `config` (peft's rules)."""
     exclude = getattr(config, "exclude_modules", None)
@@ -403,7 +417,7 @@ class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
 
     adapter_layer_names = ("modules_to_save",)
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_module: Optional[nn.Module] = None):
         super().__init__()
         forbidden = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
         if isinstance(module_to_save, forbidden) or isinstance(module_to_save, BaseTunerLayer):
@@ -413,7 +427,7 @@ class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
         self._active_adapter: Union[str, list[str]] = [adapter_name]
         self._disable_adapters = False
         self._adapters: set[str] = set()
-        self.update(adapter_name)
+        self.update(adapter_name, tied_module=tied_module)
 
     def __getattr__(self, name: str):
         try:
@@ -430,22 +444,34 @@ class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
             return getattr(modules["modules_to_save"][active], name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for `adapter_name`."""
+    def update(self, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
+        """Add a trainable copy of the original module for `adapter_name`. With `tied_module` (the embedding's copy,
+        `ensure_weight_tying`), the copy is a bias-free Linear whose weight *is* that module's weight (peft)."""
         self._adapters.add(adapter_name)
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            if tied_module is not None:
+                weight = tied_module.weight
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                linear.weight = weight
+                self.modules_to_save[adapter_name] = linear
+            else:
+                self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
         if adapter_name in self.active_adapters:
             _set_requires_grad(self.modules_to_save[adapter_name], True)
 
     def forward(self, *args, **kwargs):
+        mixed = kwargs.pop("adapter_names", None)
         if (
             self._disable_adapters
             or not self.active_adapters
             or any(a not in self._adapters for a in self.active_adapters)
         ):
             return self.original_module(*args, **kwargs)
+        if mixed is not None and args:  # mixed-adapter batch (LoRA's adapter_names): each row's adapter's copy
+            from .lora.mixed import mixed_aux_forward
+
+            return mixed_aux_forward(self, args[0], mixed, *args[1:], **kwargs)
         return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -512,9 +538,11 @@ class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
         return module
 
 
-def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str, activate: bool) -> None:
-    """Wrap (or extend the wrappers of) the modules named in `config.modules_to_save` (suffix match)."""
-    names = getattr(config, "modules_to_save", None)
+def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str, activate: bool,
+                        names: Optional[Sequence[str]] = None, tied_module: Optional[nn.Module] = None) -> None:
+    """Wrap (or extend the wrappers of) the modules named in `config.modules_to_save` (suffix match); `names`
+    overrides those, `tied_module` makes the new copies share its weight (`ensure_weight_tying`)."""
+    names = getattr(config, "modules_to_save", None) if names is None else names
     if not names:
         return
     inference_mode = config.inference_mode
@@ -536,8 +564,12 @@ def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str,
         if isinstance(grandparent, ModulesToSaveWrapper) or isinstance(parent, nn.ModuleDict):
             continue  # a copy held by an existing wrapper
         if isinstance(target, ModulesToSaveWrapper):
-            target.update(adapter_name)
+            target.update(adapter_name, tied_module=tied_module)
             target.set_adapter(target.active_adapters, inference_mode=inference_mode)
+        elif tied_module is not None:
+            wrapper = ModulesToSaveWrapper(target, adapter_name, tied_module=tied_module)
+            wrapper.set_adapter(adapter_name if activate else [], inference_mode=inference_mode)
+            setattr(parent, target_name, wrapper)
         else:
             wrapper = ModulesToSaveWrapper(target, adapter_name)
             wrapper.set_adapter(adapter_name if activate else [], inference_mode=inference_mode)
@@ -641,6 +673,47 @@ class BaseTuner(nn.Module, ABC):
     def _check_target_module_exists(peft_config: PeftConfig, key: str):
         return check_target_module_exists(peft_config, key)
 
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
+        """Change the model's structure before the adapter is injected (LoRA: `layer_replication`)."""
+
+    # ---- tied embeddings (peft's _check_tied_modules; LoRA implements the tying) ----
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: PeftConfig) -> None:
+        """Whether the embedding (or a layer tied to it) is in `modules_to_save` / `target_modules` of a model with
+        tied embeddings: with `ensure_weight_tying`, rewrite the config so that the embedding gets the adapter and
+        the tied layers share it; without, warn (as peft)."""
+        from .trainable_tokens.model import tied_embedding_module_names
+        from ..checkpoint import EMBEDDING_LAYER_NAMES
+
+        to_save = getattr(peft_config, "modules_to_save", None) or []
+        embedding_to_save = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in to_save)
+        raw = getattr(peft_config, "target_modules", None)
+        if isinstance(raw, str):
+            embedding_in_target = any(re.fullmatch(raw, name) for name in EMBEDDING_LAYER_NAMES)
+        else:
+            embedding_in_target = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in (raw or []))
+        tied = tied_embedding_module_names(model)
+        if getattr(peft_config, "ensure_weight_tying", False):
+            if not tied:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model")
+            elif embedding_to_save:
+                self._add_modules_to_save_to_tie(peft_config, tied)
+            elif embedding_in_target:
+                self._add_targets_to_tie(peft_config, tied)
+            else:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                              "`modules_to_save` or `target_modules`")
+        elif (embedding_to_save or embedding_in_target) and tied:
+            why = ("`ensure_weight_tying` is not set to True" if hasattr(peft_config, "ensure_weight_tying")
+                   else "no implementation exists to tie the adapters")
+            warnings.warn(_WARN_TIED_NOT_TIED.format(why=why))
+
+    def _add_modules_to_save_to_tie(self, peft_config: PeftConfig, tied_names: list[str]) -> None:
+        warnings.warn(_WARN_TIED_NOT_TIED.format(why="no implementation exists to tie the adapters"))
+
+    def _add_targets_to_tie(self, peft_config: PeftConfig, tied_names: list[str]) -> None:
+        warnings.warn(_WARN_TIED_NOT_TIED.format(why="no implementation exists to tie the adapters"))
+
     @abstractmethod
     def _create_and_replace(
         self, peft_config: PeftConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -666,7 +739,9 @@ class BaseTuner(nn.Module, ABC):
         """
         peft_config = self.peft_config[adapter_name]
         self._check_new_adapter_config(peft_config)
+        self._check_tied_modules(model, peft_config)
         peft_config = self._prepare_adapter_config(peft_config, self.get_model_config(model))
+        self._prepare_model(peft_config, model)
 
         named_modules = list(model.named_modules())
         existing_layer_prefixes = {k for k, m in named_modules if isinstance(m, BaseTunerLayer)}
@@ -676,13 +751,24 @@ class BaseTuner(nn.Module, ABC):
         )
         peft_config = include_all_linear_layers(peft_config, model)
 
+        target_parameters = getattr(peft_config, "target_parameters", None)
+        if target_parameters and state_dict:
+            raise ValueError(
+                "Trying to inject a PEFT adapter from a state_dict but the PEFT config uses `target_parameters`. This "
+                "is not supported -- when using `target_parameters`, please inject the adapter without the state_dict."
+            )
         module_names = None
         if state_dict is not None:
             module_names = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
 
         targeted, excluded, unmatched = [], [], []
+        targets_to_tie = []  # ensure_weight_tying: layers tied to the embedding get their adapter after it
         for key, _ in named_modules:
             if not key or (existing_layer_prefixes and _is_under(key.rpartition(".")[0], existing_layer_prefixes)):
+                continue
+            if (module_names is None or key.removeprefix("_orig_mod.") in module_names) \
+                    and _is_tied_target(peft_config, key):
+                targets_to_tie.append(key)
                 continue
             if module_names is not None:
                 result = key.removeprefix("_orig_mod.") in module_names
@@ -694,13 +780,29 @@ class BaseTuner(nn.Module, ABC):
                 unmatched.append(key)
             else:
                 targeted.append(key)
+        targeted += targets_to_tie
         for key in targeted:
             parent, target, target_name = _get_submodules(model, key)
             self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
+        # LoRA's target_parameters: nn.Parameters wrapped directly (e.g. MoE experts), after the modules (as peft)
+        targeted_params = self._inject_parameters(peft_config, model, adapter_name) if target_parameters else []
 
-        if not targeted:
+        if target_parameters and targeted and not targeted_params:
+            warnings.warn(f"target_parameters={target_parameters} were set but no parameter was matched.", RuntimeWarning)
+        elif target_parameters and targeted_params and getattr(peft_config, "target_modules", None) and not targeted:
+            warnings.warn(
+                f"target_modules={peft_config.target_modules} were set but no module was matched.", RuntimeWarning
+            )
+        if not targeted and not targeted_params:
             from ..errors import NoMatchingPeftModuleError
 
+            if target_parameters and not excluded and not getattr(peft_config, "target_modules", None):
+                raise NoMatchingPeftModuleError(
+                    "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                    f"these arguments: target_parameters={sorted(target_parameters)} matched no parameter. A name "
+                    "matches a parameter whose full name (e.g. 'model.layers.0.mlp.experts.gate_up_proj') equals it "
+                    "or ends with '.' + the name (e.g. 'mlp.experts.gate_up_proj')."
+                )
             if excluded and not unmatched:
                 raise NoMatchingPeftModuleError(
                     "All modules were excluded. Check your `target_modules`, `exclude_modules` and "
@@ -729,17 +831,25 @@ class BaseTuner(nn.Module, ABC):
         for attr in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(peft_config, attr, None) or {}
             unused = sorted(
-                p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", name) for name in targeted)
+                p for p in patterns
+                if not any(re.match(rf"(.*\.)?({p})$", name) for name in targeted + targeted_params)
             )
             if unused:
                 warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: {unused}.")
         for key in targeted:
             if key not in self.targeted_module_names:
                 self.targeted_module_names.append(key)
+        targeted_parameter_names = self.__dict__.setdefault("targeted_parameter_names", [])  # peft's attribute
+        targeted_parameter_names += [k for k in targeted_params if k not in targeted_parameter_names]
 
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         set_modules_to_save(model, peft_config, adapter_name, activate=adapter_name in self.active_adapters)
+        if getattr(peft_config, "modules_to_tie", None) is not None:  # ensure_weight_tying with modules_to_save
+            embedding = model.get_input_embeddings()
+            set_modules_to_save(model, peft_config, adapter_name, activate=adapter_name in self.active_adapters,
+                                names=sorted(peft_config.modules_to_tie),
+                                tied_module=embedding.modules_to_save[adapter_name])
         if getattr(peft_config, "trainable_token_indices", None) is not None:  # e.g. LoRA + trainable tokens
             from .trainable_tokens.wrapper import set_trainable_tokens
 

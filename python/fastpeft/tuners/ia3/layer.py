@@ -136,6 +136,12 @@ class IA3Layer(nn.Module, BaseTunerLayer):
     def __repr__(self) -> str:
         return "ia3." + super().__repr__()
 
+    @property
+    def peft_module_type(self) -> str:
+        """The `module_type` peft's get_layer_status reports: its (non-quantised) IA3 layers have no "ia3." repr
+        prefix, so the bare class name ("Linear", "Conv2d")."""
+        return self._get_name()
+
 
 class Linear(IA3Layer):
     """(IA)^3 on nn.Linear, or on transformers' Conv1D (weight stored [in, out], `fan_in_fan_out=True`)."""

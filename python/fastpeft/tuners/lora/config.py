@@ -333,10 +333,10 @@ class LoraConfig(PeftConfig):
     def unsupported_features(self) -> list[str]:
         """The fields that ask for a peft feature fastpeft's LoRA cannot run (empty when all is supported)."""
         found = [name for name in _UNSUPPORTED_SUBCONFIGS if getattr(self, name) is not None]
-        for name in ("megatron_config", "alora_invocation_tokens", "layer_replication", "target_parameters"):
+        for name in ("megatron_config", "alora_invocation_tokens"):
             if getattr(self, name):
                 found.append(name)
-        for name in ("use_qalora", "ensure_weight_tying"):
+        for name in ("use_qalora",):
             if getattr(self, name):
                 found.append(name)
         return found

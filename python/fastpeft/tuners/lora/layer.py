@@ -427,7 +427,16 @@ class LoraLayer(BaseTunerLayer):
             return (weight / factor.view(self._dora_factor_view()) - delta).to(weight.dtype)
         return weight - delta
 
+    def _merged_by_tied_embedding(self, adapter_name: str) -> bool:
+        """ensure_weight_tying: this layer (lm_head) shares the input embedding's base weight and, transposed, its
+        adapter, so merging the embedding's adapter already merges this layer's; merging here too would add the
+        delta twice (peft does)."""
+        embedding = self.__dict__.get("_tied_embedding", {}).get(adapter_name)
+        return embedding is not None and embedding.get_base_layer().weight is self.get_base_layer().weight
+
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> None:
+        if self._merged_by_tied_embedding(adapter_name):
+            return
         base = self.get_base_layer()
         if getattr(base, "groups", 1) > 1:
             raise NotImplementedError("Merging is not supported for conv layers with groups > 1")
@@ -458,6 +467,8 @@ class LoraLayer(BaseTunerLayer):
                 base.bias.data = new_bias.to(base.bias.dtype)
 
     def _unmerge_adapter(self, adapter_name: str) -> None:
+        if self._merged_by_tied_embedding(adapter_name):
+            return
         base = self.get_base_layer()
         with torch.no_grad():
             base.weight.data = self._unmerged_weight(adapter_name, base.weight.detach())

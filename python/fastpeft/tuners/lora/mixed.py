@@ -5,6 +5,8 @@ adapters in order of first use and a row -> adapter index tensor) and hands it t
 forward pre-hook, as peft does with the list of names. Each layer adds the delta of
 :func:`fastpeft.ops.segmented_lora` (rows grouped by adapter, shrink then expand) to its base output; the
 per-token index on the device is built once per forward and input shape and shared by every layer.
+modules_to_save and trainable-tokens wrappers get the same hook and run each adapter's rows through that
+adapter's copy / token rows (:func:`mixed_aux_forward`, peft's ``_mixed_batch_forward``).
 """
 from __future__ import annotations
 
@@ -203,9 +205,65 @@ def install_hooks(model, adapter_names, num_beams=None) -> list:
             raise NotImplementedError(
                 f"fastpeft: `adapter_names` (mixed-adapter batches) supports LoRA Linear and Embedding layers only, got "
                 f"lora.{type(layer).__name__}; target Linear/Embedding layers or call set_adapter() instead")
-    if any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules()):
-        raise NotImplementedError(
-            "fastpeft: `adapter_names` (mixed-adapter batches) with modules_to_save / trainable tokens is not supported")
+    # modules_to_save / trainable-tokens wrappers select per row as well (see mixed_aux_forward)
+    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
     mixed = MixedBatch(adapter_names)
-    return [layer.register_forward_pre_hook(partial(_pre_forward_hook, mixed=mixed), with_kwargs=True)
-            for layer in layers]
+    return [module.register_forward_pre_hook(partial(_pre_forward_hook, mixed=mixed), with_kwargs=True)
+            for module in layers + wrappers]
+
+
+def mixed_aux_forward(wrapper, x: torch.Tensor, mixed, *args, **kwargs) -> torch.Tensor:
+    """A modules_to_save or trainable-tokens wrapper over a mixed batch (peft's `_mixed_batch_forward`): the rows of
+    each adapter go through that adapter's copy / trained token rows, `"__base__"` rows (and those of an adapter the
+    wrapper does not have) through the original module; each row is computed once."""
+    from ..trainable_tokens.wrapper import TrainableTokensWrapper
+
+    mixed = mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed)
+    if len(x) != len(mixed):
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(mixed)} and {len(x)} respectively."
+        )
+    tokens = isinstance(wrapper, TrainableTokensWrapper)
+    if tokens:
+        layer = wrapper.token_adapter
+        if layer.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+        original = layer.base_layer
+        has = layer.trainable_tokens_delta
+    else:
+        original, has = wrapper.original_module, wrapper.modules_to_save
+    supported = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    if not isinstance(original, supported):
+        raise TypeError("Mixed batching is only supported for the following modules: "
+                        + ", ".join(c.__name__ for c in supported) + ".")
+    if wrapper.disable_adapters:
+        return original(x, *args, **kwargs)
+    groups = []  # (row indices on x's device, the rows' output function)
+    plain = mixed.rows < 0
+    for k, name in enumerate(mixed.names):
+        if name not in has:
+            plain |= mixed.rows == k
+            continue
+        if tokens:
+            fn = partial(_token_rows_forward, wrapper.token_adapter, name)
+        else:
+            fn = wrapper.modules_to_save[name]
+        groups.append(((mixed.rows == k).nonzero().flatten(), fn))
+    if plain.any():
+        groups.append((plain.nonzero().flatten(), original))
+    if len(groups) == 1 and len(groups[0][0]) == len(x):  # one group: no gather / scatter
+        return groups[0][1](x, *args, **kwargs)
+    result = None
+    for sel, fn in groups:
+        sel = sel.to(x.device)
+        out = fn(x.index_select(0, sel), *args, **kwargs)
+        if result is None:
+            result = out.new_empty((len(x), *out.shape[1:]))
+        result.index_copy_(0, sel, out.to(result.dtype))
+    return result
+
+
+def _token_rows_forward(layer, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer.forward_adapters(x, [name], *args, **kwargs)

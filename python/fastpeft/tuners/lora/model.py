@@ -7,14 +7,18 @@ import functools
 import math
 import operator
 import os
+import re
 import warnings
 from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
 
+from torch.nn.utils import parametrize
+
 from .. import merge_utils
-from ..base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, get_pattern_key
+from ..base import _get_submodules
+from ..base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, _is_tied_target, get_pattern_key
 from .config import LoraConfig
 from .inits import adapter_weights_assigned_later
 from .layer import LoraLayer, _ConvNd, dispatch_default
@@ -99,6 +103,18 @@ class LoraModel(BaseTuner):
             raise NotImplementedError(
                 f"fastpeft's LoRA does not support these LoraConfig settings yet: {', '.join(unsupported)}"
             )
+        # adapters with target_parameters must all target the same parameters: which parameter a LoRA weight belongs
+        # to is encoded by its place in the nest of ParamWrappers (peft's rule and message)
+        target_parameters = getattr(config, "target_parameters", None)
+        if target_parameters:
+            for name, other in self.peft_config.items():
+                other_targets = getattr(other, "target_parameters", None)
+                if other is not config and other_targets and set(other_targets) != set(target_parameters):
+                    raise ValueError(
+                        "When using multiple adapters with `target_parameters`, all adapters must target the same set "
+                        f"of parameters, but got {sorted(target_parameters)} for the new adapter and "
+                        f"{sorted(other_targets)} for adapter '{name}'."
+                    )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """BaseTuner.inject_adapter; with init_lora_weights="loftq", one tqdm bar counts the LoftQ layers."""
@@ -112,6 +128,8 @@ class LoraModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: LoraConfig, model_config: dict) -> LoraConfig:
         if peft_config.target_modules is None:
             target_modules = self.target_module_mapping.get(model_config.get("model_type"))
+            if target_modules is None and peft_config.target_parameters:
+                return peft_config  # parameters only (peft); a known model type still gets its default modules
             if target_modules is None:
                 raise ValueError(
                     "Please specify `target_modules` in `peft_config`: no default is known for model_type "
@@ -120,24 +138,151 @@ class LoraModel(BaseTuner):
             peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
         return peft_config
 
-    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key) -> None:
+    def _create_and_replace(
+        self, lora_config, adapter_name, target, target_name, parent, current_key, *, parameter_name=None
+    ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key), lora_config.r)
         alpha = lora_config.alpha_pattern.get(
             get_pattern_key(lora_config.alpha_pattern.keys(), current_key), lora_config.lora_alpha
         )
+        if parameter_name is not None:  # target_parameters: LoRA on the parameter `parameter_name` of `target`
+            self._create_and_replace_param(lora_config, adapter_name, target, target_name, parent, parameter_name, r, alpha)
+            return
         from ..adalora.layer import AdaLoraLayer  # here: adalora imports this module
 
         # an AdaLoRA layer is a LoraLayer too, but in a mixed model (PeftMixedModel) it is another method's
         # layer, which a LoRA adapter wraps (as peft) instead of adding itself to it
         if isinstance(target, LoraLayer) and not isinstance(target, AdaLoraLayer):
             target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config)
+            if _is_tied_target(lora_config, current_key):
+                self._tie_to_embedding_adapter(target, adapter_name)
             return
         new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha)
+        if _is_tied_target(lora_config, current_key):
+            self._tie_to_embedding_adapter(new_module, adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated
         self._replace_module(parent, target_name, new_module, target)
+
+    # ---- ensure_weight_tying (peft's semantics) ----
+
+    def _tie_to_embedding_adapter(self, layer: nn.Module, adapter_name: str) -> None:
+        """A layer tied to the input embedding (lm_head) takes the embedding's LoRA, transposed: its lora_A / lora_B
+        weights are views of lora_embedding_B / lora_embedding_A (shared storage, as peft)."""
+        embedding = self.model.get_input_embeddings()
+        if not isinstance(layer, LoraLayer) or adapter_name not in getattr(embedding, "lora_embedding_A", {}):
+            raise ValueError(f"ensure_weight_tying: cannot tie {type(layer).__name__} to the input embedding's "
+                             f"adapter {adapter_name!r}; only Linear layers tied to a LoRA embedding can be tied")
+        layer.lora_A[adapter_name].weight = nn.Parameter(embedding.lora_embedding_B[adapter_name].t())
+        layer.lora_B[adapter_name].weight = nn.Parameter(embedding.lora_embedding_A[adapter_name].t())
+        # (kept outside the module tree, not a submodule: merging skips the delta the embedding's merge already wrote;
+        # a strong reference, as merge_and_unload may drop the embedding's LoRA layer before it reaches this one)
+        layer.__dict__.setdefault("_tied_embedding", {})[adapter_name] = embedding
+
+    def _add_modules_to_save_to_tie(self, peft_config: LoraConfig, tied_names: list[str]) -> None:
+        """The input embedding goes into `modules_to_save`, the layers tied to it leave it (their copies share the
+        embedding's copy, see BaseTuner.inject_adapter); the config is updated in place, as peft."""
+        peft_config.modules_to_tie = set(tied_names)
+        modules_to_save = getattr(peft_config, "modules_to_save", None) or []
+        embedding_name = _module_name(self.model, self.model.get_input_embeddings())
+        if embedding_name not in modules_to_save:
+            modules_to_save.append(embedding_name)
+        for key in peft_config.modules_to_tie:
+            for m in modules_to_save:
+                if re.match(rf"(^|.*\.){m}($|\..*)", key):
+                    modules_to_save.remove(m)
+                    break
+        peft_config.modules_to_save = modules_to_save
+
+    def _add_targets_to_tie(self, peft_config: LoraConfig, tied_names: list[str]) -> None:
+        """The input embedding goes into `target_modules`, the layers tied to it leave it (they get the embedding's
+        adapter, transposed); the config is updated in place, as peft."""
+        peft_config.target_modules_to_tie = set(tied_names)
+        embedding_name = _module_name(self.model, self.model.get_input_embeddings())
+        raw = peft_config.target_modules
+        if isinstance(raw, str):
+            suffix = rf"|^{re.escape(embedding_name)}$)"
+            if not (raw.startswith("(?:") and raw.endswith(suffix)):  # not again on reload (peft nests it again)
+                peft_config.target_modules = rf"(?:{raw}{suffix}"
+            return
+        target_modules = set(raw or [])
+        target_modules.add(embedding_name)
+        for key in peft_config.target_modules_to_tie:
+            for m in target_modules:
+                if re.match(rf"(^|.*\.){m}($|\..*)", key):
+                    target_modules.remove(m)
+                    break
+        peft_config.target_modules = target_modules
+
+    # ---- target_parameters (peft's lora.ParamWrapper) ----
+
+    def _create_and_replace_param(self, lora_config, adapter_name, target, target_name, parent, parameter_name, r, alpha):
+        from .param_wrapper import ParamWrapper
+
+        if isinstance(target, ParamWrapper) and adapter_name not in target.lora_A:
+            target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config)  # a further adapter
+            return
+        if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+            raise ValueError(f"Trying to target the nn.Parameter '{parameter_name}' of '{target_name}' twice")
+        new_module = ParamWrapper(target, adapter_name, parameter_name, config=lora_config, r=r, lora_alpha=alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until activated
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _inject_parameters(self, peft_config: LoraConfig, model: nn.Module, adapter_name: str) -> list[str]:
+        """Wrap the parameters named by `peft_config.target_parameters` (peft's matching: the parameter's full name
+        without `.base_layer` segments equals a name or ends with `.<name>`); returns the names wrapped.
+
+        Modules are visited in `named_modules()` order and a module's parameters in registration order, so with
+        several parameters of one module the first is wrapped innermost (peft's nesting, hence its keys). A further
+        adapter is added to the existing wrappers. A parameter registered on the model itself cannot be wrapped."""
+        from .param_wrapper import ParamWrapper
+
+        names = sorted(set(peft_config.target_parameters))
+        targeted: list[str] = []
+        wrapper_names = {k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+        for module_name, module in list(model.named_modules()):
+            parts = module_name.split(".") if module_name else []
+            # inside an adapter layer only the chain of base_layers leads to base-model parameters
+            if any(".".join(parts[:i]) in wrapper_names and parts[i] != "base_layer" for i in range(len(parts))):
+                continue
+            plain_name = ".".join(p for p in parts if p != "base_layer")
+            exact_only = parametrize.is_parametrized(module)  # a parametrized parameter: exact names only (peft)
+            if exact_only:
+                candidates = [k.rpartition(".")[2] for k in names if k.rpartition(".")[0] == plain_name]
+                candidates = [c for c in candidates if c in module.parametrizations]
+            else:
+                candidates = [n for n, _ in module.named_parameters(recurse=False)]
+            for param_name in candidates:
+                key = f"{plain_name}.{param_name}" if plain_name else param_name
+                if not exact_only and not (key in names or any(key.endswith(f".{t}") for t in names)):
+                    continue
+                if not module_name:
+                    raise ValueError(
+                        f"Targeting an nn.Parameter on the top-level module is not supported (parameter "
+                        f"'{param_name}'). Move the parameter into a submodule or remove it from `target_parameters`."
+                    )
+                parent, target, target_name = _get_submodules(model, module_name)
+                owner = model.get_submodule(plain_name)
+                if isinstance(owner, BaseTunerLayer) and not isinstance(owner, ParamWrapper):
+                    raise ValueError(
+                        f"Trying to wrap an `nn.Parameter` of layer '{plain_name}' of type {type(target).__name__}, "
+                        "which is not a valid target. Make sure that this layer is not also targeted with "
+                        "`target_modules`. For some models, PEFT will do this automatically, try setting "
+                        "`target_modules=[]` to prevent it."
+                    )
+                existing = owner
+                while isinstance(existing, ParamWrapper) and existing.parameter_name != param_name:
+                    existing = existing.base_layer
+                if isinstance(existing, ParamWrapper):
+                    target = existing  # wrapped for an earlier adapter: add this one to that wrapper
+                self._create_and_replace(
+                    peft_config, adapter_name, target, target_name, parent, current_key=key, parameter_name=param_name
+                )
+                targeted.append(key)
+        return targeted
 
     @staticmethod
     def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
@@ -154,6 +299,14 @@ class LoraModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         if getattr(self.model, "quantization_method", None) == "gptq":
             raise ValueError("Cannot merge LORA layers when the model is gptq quantized")
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError("Cannot merge LORA layers when base model layers are replicated")
+
+    def _prepare_model(self, peft_config: LoraConfig, model: nn.Module) -> None:
+        if peft_config.layer_replication:
+            from .replication import replicate_layers
+
+            replicate_layers(model, peft_config.layer_replication)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
@@ -457,6 +610,10 @@ class LoraModel(BaseTuner):
         if adapter_names is None:
             yield
             return
+        from .param_wrapper import ParamWrapper
+
+        if any(isinstance(m, ParamWrapper) for m in self.model.modules()):  # peft's error (class and message)
+            raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet.")
         from .mixed import install_hooks
 
         handles = install_hooks(self, adapter_names, kwargs.get("num_beams"))
@@ -465,3 +622,8 @@ class LoraModel(BaseTuner):
         finally:
             for h in handles:
                 h.remove()
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name of `module` in `model` ("" if absent; peft's find_parameter_name_by_module)."""
+    return next((name for name, m in model.named_modules() if m is module), "")

@@ -331,3 +331,8 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "trainable_tokens." + super().__repr__()
+
+    @property
+    def peft_module_type(self) -> str:
+        """The `module_type` peft's get_layer_status reports: peft's layer has no repr prefix."""
+        return self._get_name()

@@ -67,9 +67,11 @@ class TrainableTokensWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
         self._adapters.add(adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported with trainable "
-                                      "tokens")
+        mixed = kwargs.pop("adapter_names", None)
+        if mixed is not None:  # mixed-adapter batch: each row's adapter's token rows
+            from ..lora.mixed import mixed_aux_forward
+
+            return mixed_aux_forward(self, x, mixed, *args, **kwargs)
         if self._disable_adapters:
             return self.token_adapter.forward_adapters(x, [], *args, **kwargs)
         return self.token_adapter(x, *args, **kwargs)
