@@ -538,16 +538,13 @@ class ModulesToSaveWrapper(_AdapterActivity, AuxiliaryTrainingWrapper):
         return module
 
 
-def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str, activate: bool,
-                        names: Optional[Sequence[str]] = None, tied_module: Optional[nn.Module] = None) -> None:
-    """Wrap (or extend the wrappers of) the modules named in `config.modules_to_save` (suffix match); `names`
-    overrides those, `tied_module` makes the new copies share its weight (`ensure_weight_tying`)."""
-    names = getattr(config, "modules_to_save", None) if names is None else names
-    if not names:
-        return
-    inference_mode = config.inference_mode
+def iter_named_targets(model: nn.Module, names: Sequence[str], adapter_name: str, field: str):
+    """(key, parent, target_name, target, grandparent) for every module of `model` whose name ends with one of
+    `names` (the suffix match of `modules_to_save` / `trainable_token_indices`, named by `field` in errors), in
+    module order; safe while the caller replaces the modules found (a module under one replaced earlier is
+    skipped). A match inside an adapter layer means an adapter name clashes with `names`: a ValueError."""
     for key in [k for k, _ in model.named_modules(remove_duplicate=False)]:
-        if not any(key.endswith(n) for n in names):
+        if not key or not any(key.endswith(n) for n in names):
             continue
         parent_key, _, target_name = key.rpartition(".")
         try:
@@ -558,9 +555,22 @@ def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str,
         grandparent = model.get_submodule(parent_key.rpartition(".")[0]) if parent_key else None
         if isinstance(grandparent, BaseTunerLayer):
             raise ValueError(
-                f"modules_to_save matched {key!r}, inside an adapter layer; make sure the adapter name "
-                f"{adapter_name!r} does not clash with the module names in modules_to_save"
+                f"{field} matched {key!r}, inside an adapter layer; make sure the adapter name "
+                f"{adapter_name!r} does not clash with the module names in {field}"
             )
+        yield key, parent, target_name, target, grandparent
+
+
+def set_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str, activate: bool,
+                        names: Optional[Sequence[str]] = None, tied_module: Optional[nn.Module] = None) -> None:
+    """Wrap (or extend the wrappers of) the modules named in `config.modules_to_save` (suffix match); `names`
+    overrides those, `tied_module` makes the new copies share its weight (`ensure_weight_tying`)."""
+    names = getattr(config, "modules_to_save", None) if names is None else names
+    if not names:
+        return
+    inference_mode = config.inference_mode
+    for key, parent, target_name, target, grandparent in iter_named_targets(model, names, adapter_name,
+                                                                             "modules_to_save"):
         if isinstance(grandparent, ModulesToSaveWrapper) or isinstance(parent, nn.ModuleDict):
             continue  # a copy held by an existing wrapper
         if isinstance(target, ModulesToSaveWrapper):

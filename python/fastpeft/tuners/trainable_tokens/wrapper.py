@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..base import AuxiliaryTrainingWrapper, BaseTunerLayer, _AdapterActivity
+from ..base import AuxiliaryTrainingWrapper, BaseTunerLayer, _AdapterActivity, iter_named_targets
 from .layer import TrainableTokensLayer, check_token_indices
 from .model import input_embeddings_name, tied_embedding_module_names
 
@@ -139,22 +139,8 @@ def _wrap(model: nn.Module, adapter_name: str, module_names: list[str], token_in
           activate: bool, tied_adapter: Optional[TrainableTokensLayer] = None) -> list[str]:
     """Wrap (or extend the wrapper of) every module whose name ends with one of `module_names`; the names found."""
     found = []
-    keys = [k for k, _ in model.named_modules(remove_duplicate=False)]
-    for key in keys:
-        if not key or not any(key.endswith(name) for name in module_names):
-            continue
-        parent_key, _, target_name = key.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_key)
-            target = model.get_submodule(key)
-        except AttributeError:
-            continue  # under a module replaced earlier in this loop
-        grandparent = model.get_submodule(parent_key.rpartition(".")[0]) if parent_key else None
-        if isinstance(grandparent, BaseTunerLayer):
-            raise ValueError(
-                f"trainable_token_indices matched {key!r}, inside an adapter layer; make sure the adapter name "
-                f"{adapter_name!r} does not clash with the module names in trainable_token_indices"
-            )
+    for key, parent, target_name, target, grandparent in iter_named_targets(model, module_names, adapter_name,
+                                                                             "trainable_token_indices"):
         if isinstance(grandparent, TrainableTokensWrapper) or isinstance(parent, TrainableTokensWrapper):
             continue  # the module inside an existing wrapper
         if isinstance(target, TrainableTokensWrapper):
