@@ -223,8 +223,8 @@ def test_unsupported_module_raises():
 
 
 def test_unsupported_peft_features_raise():
-    with pytest.raises(NotImplementedError, match="alora_invocation_tokens"):
-        LoraModel(Tiny(), LoraConfig(target_modules=["lin"], alora_invocation_tokens=[1]))
+    with pytest.raises(NotImplementedError, match="megatron_config"):
+        LoraModel(Tiny(), LoraConfig(target_modules=["lin"], megatron_config={"num_layers": 2}))
     with pytest.raises(NotImplementedError, match="kasa_config"):
         LoraModel(Tiny(), LoraConfig(target_modules=["lin"], kasa_config={"beta": 0.1}))
 

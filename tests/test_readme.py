@@ -187,6 +187,11 @@ def test_readme_mixed_batch_example_runs(tmp_path, monkeypatch):
     exec(compile(_code_under("## Mixed-adapter batches"), "README.md:mixed-batch", "exec"), {})
 
 
+def test_readme_alora_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_code_under("### Activated LoRA (aLoRA)"), "README.md:alora", "exec"), {})
+
+
 def test_readme_robustness_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(_code_under("## Robustness"), "README.md:robustness", "exec"), {})

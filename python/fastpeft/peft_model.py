@@ -1289,6 +1289,9 @@ class PeftModelForCausalLM(PeftModel):
                 input_ids, attention_mask, inputs_embeds, labels, output_attentions, output_hidden_states,
                 return_dict, self._strip_special(kwargs),
             )
+        from .tuners.lora.alora import offsets_for_forward
+
+        kwargs = offsets_for_forward(self, input_ids, inputs_embeds, kwargs)  # aLoRA adapters only (peft's rule)
         if getattr(self.base_model.config, "model_type", None) == "mpt":
             if inputs_embeds is not None:
                 raise AssertionError("forward in MPTForCausalLM does not support inputs_embeds")
@@ -1340,6 +1343,10 @@ class PeftModelForCausalLM(PeftModel):
         else:
             self.base_model.generation_config = self.generation_config
         try:
+            if not self._is_prompt_learning:
+                from .tuners.lora.alora import offsets_for_generate
+
+                kwargs = offsets_for_generate(self, args, kwargs)  # aLoRA: offsets from the prompt (peft's rule)
             with self._enable_peft_forward_hooks(*args, **kwargs):
                 kwargs = self._strip_special(kwargs)
                 return self.base_model.generate(*args, **kwargs)

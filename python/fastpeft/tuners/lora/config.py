@@ -193,7 +193,9 @@ class LoraConfig(PeftConfig):
     "lora_only"), `modules_to_save`, `init_lora_weights` (True, False, "gaussian", "pissa",
     "pissa_niter_<n>", "olora", "loftq", "orthogonal", "mica", "eva", "corda", "lora_ga"; the data-driven
     ones with `initialize_lora_eva_weights`, `preprocess_corda`, `preprocess_loraga`), `layers_to_transform` / `layers_pattern`, `rank_pattern` /
-    `alpha_pattern` (module-name regex -> rank / alpha), `use_dora`, `lora_bias`.
+    `alpha_pattern` (module-name regex -> rank / alpha), `use_dora`, `lora_bias`, `alora_invocation_tokens`
+    (activated LoRA: the adapter acts only from the last occurrence of these token ids onward; see
+    `fastpeft.tuners.lora.alora`).
     """
 
     r: int = field(default=8, metadata={"help": "Lora attention dimension"})
@@ -287,6 +289,19 @@ class LoraConfig(PeftConfig):
 
         self._check_init_subconfigs()
 
+        if self.alora_invocation_tokens is not None:
+            from .alora import validate_invocation_tokens
+
+            validate_invocation_tokens(self.alora_invocation_tokens)
+            if self.use_dora:
+                raise ValueError(
+                    "LoraConfig.alora_invocation_tokens (aLoRA) cannot be combined with use_dora=True (as in peft); "
+                    "set use_dora=False"
+                )
+            task_type = getattr(self.task_type, "value", self.task_type)
+            if task_type != "CAUSAL_LM":
+                warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
+
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -333,7 +348,7 @@ class LoraConfig(PeftConfig):
     def unsupported_features(self) -> list[str]:
         """The fields that ask for a peft feature fastpeft's LoRA cannot run (empty when all is supported)."""
         found = [name for name in _UNSUPPORTED_SUBCONFIGS if getattr(self, name) is not None]
-        for name in ("megatron_config", "alora_invocation_tokens"):
+        for name in ("megatron_config",):
             if getattr(self, name):
                 found.append(name)
         for name in ("use_qalora",):

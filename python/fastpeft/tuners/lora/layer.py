@@ -83,6 +83,8 @@ class LoraLayer(BaseTunerLayer):
         self._caches: dict[str, torch.Tensor] = {}  # DoRA weight norms of merged adapters
         # adapter -> names of its weights that stay frozen in training (peft's attribute; MiCA's lora_B)
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        # adapter -> invocation token ids, for the aLoRA adapters of this layer (see alora.py)
+        self.alora_invocation_tokens: dict[str, list[int]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -127,6 +129,7 @@ class LoraLayer(BaseTunerLayer):
                 f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
                 "has no bias. This means that merging LoRA weights won't be possible."
             )
+        alora_tokens = _alora_tokens_for_layer(self, config)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -135,6 +138,10 @@ class LoraLayer(BaseTunerLayer):
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = config.use_dora
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        if alora_tokens is not None:
+            self.__dict__.setdefault("alora_invocation_tokens", {})[adapter_name] = alora_tokens
+        else:
+            getattr(self, "alora_invocation_tokens", {}).pop(adapter_name, None)
 
         if isinstance(init, str) and init.startswith("pissa"):
             self._pissa_init(adapter_name, init)
@@ -435,6 +442,11 @@ class LoraLayer(BaseTunerLayer):
         return embedding is not None and embedding.get_base_layer().weight is self.get_base_layer().weight
 
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> None:
+        if adapter_name in getattr(self, "alora_invocation_tokens", {}):  # peft's refusal (class and message)
+            raise NotImplementedError(
+                "aLoRA does not support merging: the adapter acts on the tokens after its invocation sequence only "
+                f"(adapter {adapter_name!r}); keep it unmerged"
+            )
         if self._merged_by_tied_embedding(adapter_name):
             return
         base = self.get_base_layer()
@@ -480,6 +492,7 @@ class LoraLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._caches.pop(f"{adapter_name}-weight_norm", None)
         getattr(self, "frozen_peft_weight_names", {}).pop(adapter_name, None)
+        getattr(self, "alora_invocation_tokens", {}).pop(adapter_name, None)
 
     # ---- scaling helpers (peft's API) ----
 
@@ -605,14 +618,17 @@ class Linear(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mixed = kwargs.get("adapter_names")
+        alora_offsets = kwargs.pop("alora_offsets", None)  # set by LoraModel's hook for aLoRA layers only
         active = self._adapters_to_apply(x, args, kwargs)
         if mixed is not None and not self.disable_adapters:
             from .mixed import MixedBatch, mixed_linear_forward
 
             mixed = mixed if isinstance(mixed, MixedBatch) else MixedBatch(mixed)
-            return mixed_linear_forward(self, x, mixed, *args, **kwargs)
+            return mixed_linear_forward(self, x, mixed, *args, alora_offsets=alora_offsets, **kwargs)
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.alora_invocation_tokens and any(a in self.alora_invocation_tokens for a in active):
+            return self._forward_alora(x, active, alora_offsets, self._adapter_delta, *args, **kwargs)
         if not self._can_fuse(args, kwargs):
             return self._forward_unfused(x, active, *args, **kwargs)
 
@@ -642,6 +658,26 @@ class Linear(nn.Module, LoraLayer):
                 delta, base_out = self._adapter_delta(name, x, base_out)
                 result = result + delta
         return result.to(dtype)
+
+    def _forward_alora(self, x, active, alora_offsets, adapter_delta, *args, **kwargs):
+        """Some active adapter is an aLoRA: base output, then each adapter in turn; the aLoRA ones on the tokens
+        `alora_offsets` selects only (alora.masked_delta), the others with `adapter_delta` (the layer's unfused
+        path: (name, x, base_out) -> (delta, base_out))."""
+        from .alora import AloraOffsets, masked_delta
+
+        # the hook hands every layer the same AloraOffsets (its token index is built once per forward and shape)
+        offsets = alora_offsets
+        if offsets is not None and not isinstance(offsets, AloraOffsets):
+            offsets = AloraOffsets(offsets)
+        result = base_out = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in active:
+            if name in self.alora_invocation_tokens:
+                result = masked_delta(self, name, x, result, offsets)
+            else:
+                delta, base_out = adapter_delta(name, x, base_out)
+                result = result + delta
+        return result.to(result_dtype)
 
     def _forward_unfused(self, x, active, *args, **kwargs):
         result = base_out = self.base_layer(x, *args, **kwargs)
@@ -870,3 +906,29 @@ def dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, *
     if kind is not None:
         return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=kind == "conv1d", **kwargs)
     return None
+
+
+def _alora_tokens_for_layer(layer: LoraLayer, config: LoraConfig) -> Optional[list]:
+    """The invocation tokens when `config` is an aLoRA config, after peft's checks of what aLoRA combines with:
+    Linear / Conv1D layers only (peft has no aLoRA variant for the others), not with DoRA or MiCA."""
+    from .alora import invocation_tokens
+
+    tokens = invocation_tokens(config)
+    if tokens is None:
+        return None
+    if not isinstance(layer, Linear):
+        raise ValueError(
+            f"aLoRA (alora_invocation_tokens) supports Linear / Conv1D layers only, not "
+            f"{type(layer.get_base_layer()).__name__} (as in peft); remove this layer from target_modules "
+            "(or target_parameters)"
+        )
+    if config.use_dora:
+        raise ValueError(
+            "aLoRA (alora_invocation_tokens) cannot be combined with DoRA (as in peft); set use_dora=False"
+        )
+    if config.init_lora_weights == "mica":
+        raise ValueError(
+            "aLoRA (alora_invocation_tokens) cannot be combined with init_lora_weights='mica' (as in peft); use "
+            "another init"
+        )
+    return tokens

@@ -70,8 +70,10 @@ def check_layer_args(layer, x: torch.Tensor, mixed: MixedBatch) -> None:
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
 
 
-def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwargs) -> torch.Tensor:
-    """LoRA Linear over a mixed batch: base(x) + segmented_lora(x, per-row adapters)."""
+def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, alora_offsets=None,
+                         **kwargs) -> torch.Tensor:
+    """LoRA Linear over a mixed batch: base(x) + segmented_lora(x, per-row adapters). The rows of aLoRA adapters
+    get their adapter on the tokens `alora_offsets` selects only (the others: index -1, the base output)."""
     from ... import ops
 
     result = layer.base_layer(x, *args, **kwargs)
@@ -79,7 +81,17 @@ def mixed_linear_forward(layer, x: torch.Tensor, mixed: MixedBatch, *args, **kwa
     if op_args is None:  # no adapter of the batch on this layer
         return result
     dtype, in_f, out_f, lora_A, lora_B, scalings = op_args
-    delta = ops._segmented_lora_checked(x.to(dtype), lora_A, lora_B, scalings, mixed.index_for(x), in_f, out_f,
+    index = mixed.index_for(x)
+    alora_tokens = getattr(layer, "alora_invocation_tokens", None)
+    if alora_tokens:
+        alora_positions = [k for k, n in enumerate(mixed.names) if n in alora_tokens]
+        if alora_positions:
+            from .alora import AloraOffsets, mixed_token_index
+
+            if alora_offsets is not None and not isinstance(alora_offsets, AloraOffsets):
+                alora_offsets = AloraOffsets(alora_offsets)
+            index = mixed_token_index(mixed, x, alora_positions, alora_offsets)
+    delta = ops._segmented_lora_checked(x.to(dtype), lora_A, lora_B, scalings, index, in_f, out_f,
                                         check_range=False)
     return result + delta.to(result.dtype)
 

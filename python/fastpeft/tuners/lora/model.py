@@ -603,25 +603,86 @@ class LoraModel(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """Mixed-adapter batches (peft's ``adapter_names``): one adapter per row, ``"__base__"`` for none; the
-        LoRA Linear layers run them through the segmented multi-LoRA op (see tuners/lora/mixed.py)."""
+        LoRA Linear layers run them through the segmented multi-LoRA op (see tuners/lora/mixed.py). aLoRA
+        (``alora_offsets``, per row the number of trailing tokens an aLoRA adapter acts on): see
+        tuners/lora/alora.py."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if kwargs.get("alora_offsets") is not None:
-            raise NotImplementedError("fastpeft does not support aLoRA (`alora_offsets`)")
-        if adapter_names is None:
+        alora_offsets = kwargs.pop("alora_offsets", None)
+        if adapter_names is None and alora_offsets is None:
             yield
             return
-        from .param_wrapper import ParamWrapper
-
-        if any(isinstance(m, ParamWrapper) for m in self.model.modules()):  # peft's error (class and message)
-            raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet.")
-        from .mixed import install_hooks
-
-        handles = install_hooks(self, adapter_names, kwargs.get("num_beams"))
+        handles = []
         try:
+            if alora_offsets is not None:
+                handles += self._install_alora_hooks(alora_offsets, kwargs.get("num_beams"))
+            if adapter_names is not None:
+                from .param_wrapper import ParamWrapper
+
+                if any(isinstance(m, ParamWrapper) for m in self.model.modules()):  # peft's error (class, message)
+                    raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet.")
+                from .mixed import install_hooks
+
+                handles += install_hooks(self, adapter_names, kwargs.get("num_beams"))
             yield
         finally:
             for h in handles:
                 h.remove()
+
+    def _install_alora_hooks(self, alora_offsets, num_beams=None) -> list:
+        """aLoRA (see alora.py): one AloraOffsets for this forward / generate, handed to every LoRA layer that holds an
+        aLoRA adapter by a forward pre-hook (peft's mechanism). Returns the hook handles."""
+        from .alora import AloraOffsets
+
+        if isinstance(num_beams, int) and num_beams > 1:
+            raise ValueError("Beam search not yet supported for aLoRA.")  # peft's error
+        offsets = AloraOffsets(alora_offsets)
+        layers = [m for m in self.model.modules()
+                  if isinstance(m, LoraLayer) and getattr(m, "alora_invocation_tokens", None)]
+        handles = [layer.register_forward_pre_hook(functools.partial(_alora_pre_forward_hook, offsets=offsets),
+                                                   with_kwargs=True) for layer in layers]
+        if layers and self.training and torch.is_grad_enabled():
+            try:
+                from transformers.modeling_layers import GradientCheckpointingLayer
+            except ImportError:  # no transformers (or one without checkpointed layers): nothing is recomputed
+                GradientCheckpointingLayer = None
+            for module in self.model.modules():
+                if (GradientCheckpointingLayer is not None and isinstance(module, GradientCheckpointingLayer)
+                        and getattr(module, "gradient_checkpointing", False) and module.training):
+                    _arm_alora_recomputation(module, offsets)
+        return handles
+
+
+def _alora_pre_forward_hook(module, args, kwargs, offsets):
+    kwargs["alora_offsets"] = offsets
+    return args, kwargs
+
+
+def _arm_alora_recomputation(block: nn.Module, offsets) -> None:
+    """Gradient checkpointing (transformers' GradientCheckpointingLayer): the block's forward runs again in backward,
+    after the forward's hooks are gone, so the block itself gets a pre-hook that hands `offsets` to its aLoRA layers
+    whenever it runs, removed (with what it added) by the block's backward hook (peft's mechanism and error)."""
+    sublayers = [m for m in block.modules() if isinstance(m, LoraLayer) and getattr(m, "alora_invocation_tokens", None)]
+    if not sublayers:
+        return
+    if block.__dict__.get("_fastpeft_alora_gc_hooks"):
+        raise ValueError(
+            "Multiple invocations of PEFT forward hooks before .backward() with enabled gradient "
+            "checkpointing. Disable gradient checkpointing or only call forward once per backward."
+        )
+    pending: list = []
+    block.__dict__["_fastpeft_alora_gc_hooks"] = pending
+
+    def on_forward(module, args):
+        for layer in sublayers:
+            pending.append(layer.register_forward_pre_hook(
+                functools.partial(_alora_pre_forward_hook, offsets=offsets), with_kwargs=True))
+
+    def on_backward(module, grad_input, grad_output):
+        while pending:
+            pending.pop().remove()
+
+    pending.append(block.register_forward_pre_hook(on_forward))
+    pending.append(block.register_full_backward_hook(on_backward))
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

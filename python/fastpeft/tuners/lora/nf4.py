@@ -189,9 +189,18 @@ class Linear4bit(Linear):
         return not torch.is_autocast_enabled(base.weight.device.type)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        alora_offsets = kwargs.pop("alora_offsets", None)  # set by LoraModel's hook for aLoRA layers only
         active = self._adapters_to_apply(x, args, kwargs)
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.alora_invocation_tokens and any(a in self.alora_invocation_tokens for a in active):
+            cast = not torch.is_autocast_enabled(x.device.type)
+
+            def delta(name, x, base_out):
+                d = self._adapter_delta_nf4(name, x, base_out, cast)
+                return (d.to(base_out.dtype) if cast else d), base_out
+
+            return self._forward_alora(x, active, alora_offsets, delta, *args, **kwargs)
         if self._can_fuse(x, active, args, kwargs):
             return self._forward_fused(x, active[0])
         return self._forward_unfused(x, active, *args, **kwargs)

@@ -146,6 +146,11 @@ class ParamWrapper(nn.Module, LoraLayer):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if config.use_dora:
             raise ValueError(f"lora.{name} does not work with LoRA variants like DoRA.")
+        if getattr(config, "alora_invocation_tokens", None):
+            raise ValueError(
+                f"aLoRA (alora_invocation_tokens) supports Linear / Conv1D layers only, not lora.{name} (parameter "
+                f"'{self.parameter_name}', as in peft); drop target_parameters or alora_invocation_tokens"
+            )
         if config.lora_dropout:
             raise ValueError(f"lora.{name} does not work with lora_dropout != 0.")
         if config.lora_bias:
