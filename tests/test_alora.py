@@ -345,3 +345,17 @@ def test_inputs_embeds_with_explicit_offsets_and_generate_without_input_ids():
           _logits(ours, inputs_embeds=emb, attention_mask=mask, alora_offsets=offsets))
     with pytest.warns(UserWarning, match="input_ids are not available"):
         ours.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_forward_and_generate_after_every_adapter_is_deleted():
+    """With no adapter left, the offsets lookup must not fail on the stale active-adapter name: base outputs."""
+    base = tiny_llama(0)
+    ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**_kwargs()))
+    ours.add_adapter("plain", fastpeft.LoraConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    ours.delete_adapter("default"), ours.delete_adapter("plain")
+    ids, _ = _batch()
+    close(_logits(base, input_ids=ids), _logits(ours, input_ids=ids), tol=1e-6)
+    with torch.no_grad():
+        out = ours.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
+        ref = base.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)

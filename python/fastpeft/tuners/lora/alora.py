@@ -100,7 +100,10 @@ def calculate_alora_offsets(peft_config: dict, active_adapter: str, input_ids: t
 
 def alora_relevant(peft_model, adapter_names=None) -> bool:
     """Whether the active adapter, or one of the per-row `adapter_names`, is an aLoRA."""
-    config = getattr(peft_model, "active_peft_config", None)
+    try:
+        config = peft_model.active_peft_config
+    except (AttributeError, KeyError):  # e.g. every adapter deleted: nothing is active
+        config = None
     if config is not None and invocation_tokens(config):
         return True
     for name in adapter_names or ():
