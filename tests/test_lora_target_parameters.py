@@ -3,9 +3,7 @@ tiny transformers MoE models (experts as 3-D parameters, the router as a 2-D one
 from __future__ import annotations
 
 import copy
-import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ import fastpeft
 from fastpeft.tuners.lora.param_wrapper import ParamWrapper
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def tiny_mixtral(seed: int = 0):
@@ -423,20 +420,3 @@ def test_mixed_adapter_batches_are_refused():
         model.eval()
         with pytest.raises(ValueError, match="ParamWrapper does not support mixed adapter batches"):
             model(**inputs(), adapter_names=["default", "default"])
-
-
-# ---- README ----
-
-
-def _code_under(heading: str) -> str:  # as tests/test_readme.py (kept here: that file is being consolidated)
-    section = README.read_text().split(heading, 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, f"README's section {heading!r} has no python block"
-    return match.group(1)
-
-
-def test_readme_moe_experts_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    ns: dict = {}
-    exec(compile(_code_under("### LoRA on MoE experts"), "README.md:moe-experts", "exec"), ns)
-    assert isinstance(ns["model"], fastpeft.PeftModel)

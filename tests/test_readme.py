@@ -24,6 +24,15 @@ def test_readme_auto_peft_model_example_runs(tmp_path, monkeypatch):
     assert type(ns["model"]) is fastpeft.PeftModelForCausalLM
 
 
+def test_readme_moe_experts_example_runs(tmp_path, monkeypatch):
+    import fastpeft
+
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(_code_under("### LoRA on MoE experts"), "README.md:moe-experts", "exec"), ns)
+    assert isinstance(ns["model"], fastpeft.PeftModel)
+
+
 def test_readme_nf4_example_runs():
     exec(compile(_code_under("## NF4 weights"), "README.md:nf4", "exec"), {})
 

@@ -189,11 +189,7 @@ class LoraModel(BaseTuner):
         embedding_name = _module_name(self.model, self.model.get_input_embeddings())
         if embedding_name not in modules_to_save:
             modules_to_save.append(embedding_name)
-        for key in peft_config.modules_to_tie:
-            for m in modules_to_save:
-                if re.match(rf"(^|.*\.){m}($|\..*)", key):
-                    modules_to_save.remove(m)
-                    break
+        _drop_names_matching(modules_to_save, peft_config.modules_to_tie)
         peft_config.modules_to_save = modules_to_save
 
     def _add_targets_to_tie(self, peft_config: LoraConfig, tied_names: list[str]) -> None:
@@ -209,11 +205,7 @@ class LoraModel(BaseTuner):
             return
         target_modules = set(raw or [])
         target_modules.add(embedding_name)
-        for key in peft_config.target_modules_to_tie:
-            for m in target_modules:
-                if re.match(rf"(^|.*\.){m}($|\..*)", key):
-                    target_modules.remove(m)
-                    break
+        _drop_names_matching(target_modules, peft_config.target_modules_to_tie)
         peft_config.target_modules = target_modules
 
     # ---- target_parameters (peft's lora.ParamWrapper) ----
@@ -688,3 +680,13 @@ def _arm_alora_recomputation(block: nn.Module, offsets) -> None:
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     """The name of `module` in `model` ("" if absent; peft's find_parameter_name_by_module)."""
     return next((name for name, m in model.named_modules() if m is module), "")
+
+
+def _drop_names_matching(names, tied_keys) -> None:
+    """Remove from `names` (a list or set, in place), for each tied module key, the first name that matches it as a
+    dotted suffix (peft's rule): a tied layer leaves the config, it follows the embedding instead."""
+    for key in tied_keys:
+        for name in names:
+            if re.match(rf"(^|.*\.){name}($|\..*)", key):
+                names.remove(name)
+                break
